@@ -1,0 +1,559 @@
+"""PyTorch RWKV-CLIP: a CLIP-style dual encoder whose towers are RWKV-6 blocks with a bidirectional WKV.
+
+One block implementation serves both towers; they differ only in the token shift (a "Q-shift" over the
+image patch grid, a "B-shift" along the text sequence), chosen by `config.token_shift`.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_rwkv_clip import RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
+from .ops.bi_wkv import bi_wkv
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def rwkv_clip_loss(similarity: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a (text x image) similarity matrix whose diagonal holds the matching pairs."""
+    return (contrastive_loss(similarity) + contrastive_loss(similarity.t())) / 2.0
+
+
+def _source(offset: int, size: int) -> slice:
+    return slice(max(offset, 0), size + min(offset, 0))
+
+
+def _target(offset: int, size: int) -> slice:
+    return slice(max(-offset, 0), size + min(-offset, 0))
+
+
+def token_shift(
+    hidden_states: torch.Tensor, grid_size: tuple[int, int], offsets: tuple[tuple[int, int], ...], head_size: int
+) -> torch.Tensor:
+    """Each token's neighbours, per channel group (ARCHITECTURE.md section 4).
+
+    Tokens `(batch, height * width, dim)` lie row-major on a `grid_size = (height, width)` grid (text: `(1, T)`).
+    Each head's `head_size` channels are split into `len(offsets)` equal groups; group `g` of the output at
+    `(row, col)` is the input at `(row + dy, col + dx)` for `(dy, dx) = offsets[g]`, zero outside the grid.
+    """
+    batch, seq_len, dim = hidden_states.shape
+    height, width = grid_size
+    groups = len(offsets)
+    x = hidden_states.reshape(batch, height, width, dim // head_size, groups, head_size // groups)
+    shifted = torch.zeros_like(x)
+    for group, (dy, dx) in enumerate(offsets):
+        shifted[:, _target(dy, height), _target(dx, width), :, group] = x[
+            :, _source(dy, height), _source(dx, width), :, group
+        ]
+    return shifted.reshape(batch, seq_len, dim)
+
+
+def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: drops the whole residual branch with probability `rate` (training only)."""
+    if rate == 0.0 or not training:
+        return hidden_states
+    keep = 1.0 - rate
+    mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
+    return hidden_states * mask / keep
+
+
+class _ShiftMixin:
+    """Token shift of the tower this module belongs to."""
+
+    def _shift(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        return token_shift(hidden_states, grid_size, self.shift_offsets, self.head_size)
+
+
+class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
+    """RWKV-6 token mixing with Bi-WKV: the "spatial mix" of the image tower and the "time mix" of the text tower.
+
+    Parameter names follow RWKV-6; the five data-dependent interpolations (w, k, v, r, g) are stacked.
+    """
+
+    def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = config.num_hidden_layers
+        self.hidden_size = dim = config.hidden_size
+        self.head_size = config.head_size
+        self.num_heads = config.num_attention_heads
+        self.mix_lora_rank = config.mix_lora_rank
+        self.shift_offsets = config.token_shift_offsets
+
+        self.time_maa_x = nn.Parameter(torch.empty(dim))
+        self.time_maa_wkvrg = nn.Parameter(torch.empty(5, dim))
+        self.time_maa_w1 = nn.Parameter(torch.empty(dim, 5 * config.mix_lora_rank))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, config.mix_lora_rank, dim))
+        self.time_decay = nn.Parameter(torch.empty(dim))
+        self.time_decay_w1 = nn.Parameter(torch.empty(dim, config.decay_lora_rank))
+        self.time_decay_w2 = nn.Parameter(torch.empty(config.decay_lora_rank, dim))
+        self.time_faaaa = nn.Parameter(torch.empty(self.num_heads, self.head_size))
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.output = nn.Linear(dim, dim, bias=False)
+        self.ln_x = nn.GroupNorm(self.num_heads, dim, eps=config.group_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        batch, seq_len, dim = hidden_states.shape
+        x = hidden_states
+        delta = self._shift(x, grid_size) - x
+        lora = torch.tanh(torch.addcmul(x, delta, self.time_maa_x) @ self.time_maa_w1)
+        lora = lora.view(batch * seq_len, 5, self.mix_lora_rank).transpose(0, 1)
+        lora = torch.bmm(lora, self.time_maa_w2).view(5, batch, seq_len, dim)
+        mixed = torch.addcmul(x, delta, self.time_maa_wkvrg[:, None, None, :] + lora)
+        x_w, x_k, x_v, x_r, x_g = mixed.unbind(0)
+
+        heads = (batch, seq_len, self.num_heads, self.head_size)
+        receptance = self.receptance(x_r).view(heads)
+        key = self.key(x_k).view(heads)
+        value = self.value(x_v).view(heads)
+        gate = F.silu(self.gate(x_g))
+        log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+
+        out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa)
+        out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
+        return self.output(out * gate)
+
+    @torch.no_grad()
+    def _init_rwkv_weights(self) -> None:
+        # RWKV-6 schedules: early layers shift more and decay faster.
+        dim, layers, layer = self.hidden_size, self.num_layers, self.layer_idx
+        ratio_0_to_1 = layer / max(layers - 1, 1)
+        ratio_1_to_almost_0 = 1.0 - layer / layers
+        position = torch.arange(dim, dtype=torch.float64) / dim
+        shift = 1.0 - position**ratio_1_to_almost_0
+        shift_half = 1.0 - position ** (0.5 * ratio_1_to_almost_0)
+        init.copy_(self.time_maa_x, shift)
+        init.copy_(
+            self.time_maa_wkvrg,
+            torch.stack([shift, shift, 1.0 - (position**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1), shift_half, shift_half]),
+        )
+        channel = torch.arange(dim, dtype=torch.float64) / max(dim - 1, 1)
+        init.copy_(self.time_decay, -6.0 + 5.0 * channel ** (0.7 + 1.3 * ratio_0_to_1))
+        zigzag = ((torch.arange(dim) + 1) % 3 - 1).to(torch.float64) * 0.1
+        init.copy_(self.time_faaaa, (ratio_0_to_1 * (1.0 - channel) + zigzag).view(self.num_heads, self.head_size))
+        for tensor in (self.time_maa_w1, self.time_maa_w2, self.time_decay_w1, self.time_decay_w2):
+            init.uniform_(tensor, -1e-4, 1e-4)
+        init.orthogonal_(self.receptance.weight)
+        init.orthogonal_(self.key.weight, gain=0.1)
+        init.orthogonal_(self.value.weight)
+        init.orthogonal_(self.gate.weight, gain=0.1)
+        init.zeros_(self.output.weight)
+        init.copy_(self.ln_x.weight, torch.full((dim,), ((1 + layer) / layers) ** 0.7))
+        init.zeros_(self.ln_x.bias)
+
+
+class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
+    """RWKV channel mixing (squared-ReLU MLP gated by a sigmoid receptance) on token-shifted inputs.
+
+    The image tower's `spatial_mix` (x * mix + shift * (1 - mix)) is this function with `time_maa = 1 - mix`.
+    """
+
+    def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = config.num_hidden_layers
+        self.hidden_size = dim = config.hidden_size
+        self.head_size = config.head_size
+        self.shift_offsets = config.token_shift_offsets
+        self.time_maa_k = nn.Parameter(torch.empty(dim))
+        self.time_maa_r = nn.Parameter(torch.empty(dim))
+        self.key = nn.Linear(dim, config.intermediate_size, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(config.intermediate_size, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        x = hidden_states
+        delta = self._shift(x, grid_size) - x
+        key = torch.relu(self.key(torch.addcmul(x, delta, self.time_maa_k))).square()
+        return torch.sigmoid(self.receptance(torch.addcmul(x, delta, self.time_maa_r))) * self.value(key)
+
+    @torch.no_grad()
+    def _init_rwkv_weights(self) -> None:
+        position = torch.arange(self.hidden_size, dtype=torch.float64) / self.hidden_size
+        shift = 1.0 - position ** (1.0 - self.layer_idx / self.num_layers)
+        init.copy_(self.time_maa_k, shift)
+        init.copy_(self.time_maa_r, shift)
+        init.orthogonal_(self.key.weight)
+        init.zeros_(self.receptance.weight)
+        init.zeros_(self.value.weight)
+
+
+class RWKVCLIPBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: `x + TokenMix(LN(x))`, then `x + ChannelMix(LN(x))`, with drop-path in training."""
+
+    def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.drop_path_rate = drop_path_rate
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.token_mix = RWKVCLIPTokenMix(config, layer_idx)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.channel_mix = RWKVCLIPChannelMix(config, layer_idx)
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        branch = self.token_mix(self.norm1(hidden_states), grid_size)
+        hidden_states = hidden_states + drop_path(branch, self.drop_path_rate, self.training)
+        branch = self.channel_mix(self.norm2(hidden_states), grid_size)
+        return hidden_states + drop_path(branch, self.drop_path_rate, self.training)
+
+
+class RWKVCLIPEncoder(nn.Module):
+    """A stack of `RWKVCLIPBlock`s with drop-path rates rising linearly from 0 to `config.drop_path_rate`."""
+
+    def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig):
+        super().__init__()
+        layers = config.num_hidden_layers
+        rates = [config.drop_path_rate * index / max(layers - 1, 1) for index in range(layers)]
+        self.layers = nn.ModuleList(
+            RWKVCLIPBlock(config, layer_idx, rates[layer_idx]) for layer_idx in range(config.num_hidden_layers)
+        )
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, grid_size, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class RWKVCLIPVisionEmbeddings(nn.Module):
+    """Patch embedding (zero-padding the bottom/right to whole patches) plus a learned position embedding."""
+
+    def __init__(self, config: RWKVCLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.grid_size = config.grid_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=True
+        )
+        self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size**2, config.hidden_size))
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embedding resized bicubically (align_corners=False) to a `height x width` patch grid."""
+        if (height, width) == (self.grid_size, self.grid_size):
+            return self.position_embedding
+        dim = self.position_embedding.shape[-1]
+        dtype = self.position_embedding.dtype
+        grid = self.position_embedding.reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
+        grid = grid.to(torch.promote_types(dtype, torch.float32))
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        return grid.to(dtype).flatten(2).transpose(1, 2)
+
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[-2:]
+        pad_h, pad_w = -height % self.patch_size, -width % self.patch_size
+        pixel_values = pixel_values.to(self.patch_embedding.weight.dtype)
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        embeddings = self.patch_embedding(pixel_values)
+        grid_h, grid_w = embeddings.shape[-2:]
+        if (grid_h, grid_w) != (self.grid_size, self.grid_size) and interpolate_pos_encoding is False:
+            raise ValueError(
+                f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position embedding "
+                f"was learned for {self.grid_size}x{self.grid_size} ({self.config.image_size}px). Pass "
+                "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original model does."
+            )
+        embeddings = embeddings.flatten(2).transpose(1, 2)
+        return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
+
+
+def canonical_text_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    context_length: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+) -> torch.Tensor:
+    """The `(batch, context_length)` ids the original model saw for the same captions.
+
+    The original always ran the text tower on `context_length` tokens: the caption's ids, then `pad_token_id`.
+    Because the Bi-WKV is bidirectional, the padding changes every token's output, so callers' padding is
+    normalised here: the real tokens (`attention_mask == 1`, in order, any padding side; without a mask,
+    everything up to and including the first `eos_token_id`, or the whole row if it has none) are packed to
+    the left and padded with `pad_token_id`. A caption longer than `context_length` is cut to it with its last
+    id set to `eos_token_id`, as the original tokenizer does.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    positions = torch.arange(seq_len, device=input_ids.device)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} like input_ids"
+            )
+        real = attention_mask.to(torch.bool)
+    elif eos_token_id is not None:
+        is_eos = input_ids == eos_token_id
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), seq_len - 1)
+        real = positions[None, :] <= first_eos[:, None]
+    else:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    lengths = real.sum(dim=1)
+    if attention_mask is not None and not bool(real.all()):
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+        input_ids = torch.gather(input_ids, 1, order)
+    ids = torch.where(positions[None, :] < lengths[:, None], input_ids, pad_token_id)
+    if seq_len < context_length:
+        ids = F.pad(ids, (0, context_length - seq_len), value=pad_token_id)
+    elif seq_len > context_length:
+        ids = ids[:, :context_length].clone()
+        too_long = lengths > context_length
+        if eos_token_id is not None and bool(too_long.any()):
+            ids[too_long, -1] = eos_token_id
+    return ids
+
+
+class RWKVCLIPPreTrainedModel(PreTrainedModel):
+    config: RWKVCLIPConfig
+    base_model_prefix = "rwkv_clip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKVCLIPBlock", "RWKVCLIPVisionEmbeddings"]
+    _can_record_outputs = {"hidden_states": RWKVCLIPBlock}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (RWKVCLIPTokenMix, RWKVCLIPChannelMix)):
+            module._init_rwkv_weights()
+        elif isinstance(module, RWKVCLIPVisionEmbeddings):
+            init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
+        elif isinstance(module, RWKVCLIPModel):
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
+    """The RWKV-CLIP text tower. `pooler_output` is the caption embedding: the mean over all context positions
+    of the L2-normalised final token states (there is no projection layer)."""
+
+    config: RWKVCLIPTextConfig
+    input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
+
+    def __init__(self, config: RWKVCLIPTextConfig):
+        super().__init__(config)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = RWKVCLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.token_embedding = value
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            input_ids: `(batch, seq_len)` CLIP BPE ids, any length and padding.
+            attention_mask: `(batch, seq_len)`, 1 for real tokens. Padding is normalised to the original's
+                layout (see `canonical_text_ids`), so the embedding does not depend on how captions were batched.
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` `(batch, max_position_embeddings, hidden)` over the
+            normalised 77-token layout (after the final LayerNorm) and `pooler_output` `(batch, hidden)`.
+        """
+        if input_ids is None:
+            raise ValueError("You have to specify input_ids")
+        config = self.config
+        input_ids = canonical_text_ids(
+            input_ids, attention_mask, config.max_position_embeddings, config.pad_token_id, config.eos_token_id
+        )
+        if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(
+                f"input_ids contain ids outside the vocabulary [0, {config.vocab_size}): "
+                f"min {int(input_ids.min())}, max {int(input_ids.max())}"
+            )
+        hidden_states = self.pre_layernorm(self.token_embedding(input_ids))
+        encoder_outputs = self.encoder(hidden_states, (1, input_ids.shape[1]), **kwargs)
+        last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
+        pooled_output = F.normalize(last_hidden_state, dim=-1).mean(dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
+
+
+class RWKVCLIPVisionModel(RWKVCLIPPreTrainedModel):
+    """The RWKV-CLIP vision tower. `pooler_output` is the image embedding: the mean of the final patch states
+    (there is no class token and no projection layer)."""
+
+    config: RWKVCLIPVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+
+    def __init__(self, config: RWKVCLIPVisionConfig):
+        super().__init__(config)
+        self.embeddings = RWKVCLIPVisionEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = RWKVCLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values: `(batch, channels, height, width)`, any size: sides that are not multiples of the patch
+                size are zero-padded at the bottom/right.
+            interpolate_pos_encoding: how to treat a patch grid other than the native one. `None` (default) and
+                `True` resize the position embedding bicubically, as the original model does; `False` raises instead.
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` `(batch, patches, hidden)` after the final LayerNorm
+            and `pooler_output` `(batch, hidden)`, their mean.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        hidden_states, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.pre_layernorm(hidden_states)
+        encoder_outputs = self.encoder(hidden_states, grid_size, **kwargs)
+        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1))
+
+
+@dataclass
+class RWKVCLIPOutput(ModelOutput):
+    r"""
+    loss: symmetric contrastive loss, when `return_loss=True`.
+    logits_per_image: `(image_batch, text_batch)` scaled cosine similarities.
+    logits_per_text: `(text_batch, image_batch)`, the transpose.
+    text_embeds: `(text_batch, hidden)` L2-normalised text embeddings.
+    image_embeds: `(image_batch, hidden)` L2-normalised image embeddings.
+    text_model_output / vision_model_output: the towers' `BaseModelOutputWithPooling`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
+    """RWKV-CLIP dual encoder: `RWKVCLIPTextModel` + `RWKVCLIPVisionModel` + a learned temperature."""
+
+    config: RWKVCLIPConfig
+
+    def __init__(self, config: RWKVCLIPConfig):
+        super().__init__(config)
+        self.text_model = RWKVCLIPTextModel._from_config(config.text_config)
+        self.vision_model = RWKVCLIPVisionModel._from_config(config.vision_config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """Text tower output; `pooler_output` `(batch, hidden)` is the (unnormalised) caption embedding."""
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower output; `pooler_output` `(batch, hidden)` is the (unnormalised) image embedding."""
+        return self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> RWKVCLIPOutput:
+        r"""
+        Args:
+            input_ids, attention_mask: captions (see `RWKVCLIPTextModel.forward`).
+            pixel_values: images (see `RWKVCLIPVisionModel.forward`).
+            return_loss: also return the symmetric contrastive loss (text i matches image i).
+            interpolate_pos_encoding: see `RWKVCLIPVisionModel.forward`.
+        """
+        vision_outputs = self.get_image_features(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device)
+        logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
+        logits_per_image = logits_per_text.t()
+        loss = rwkv_clip_loss(logits_per_text) if return_loss else None
+        return RWKVCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+
+__all__ = [
+    "RWKVCLIPModel",
+    "RWKVCLIPOutput",
+    "RWKVCLIPPreTrainedModel",
+    "RWKVCLIPTextModel",
+    "RWKVCLIPVisionModel",
+    "canonical_text_ids",
+    "token_shift",
+]

@@ -1,0 +1,56 @@
+"""The bidirectional WKV operator of RWKV-CLIP (Bi-WKV).
+
+For each batch element and head, with `r, k, v, w` of shape `(T, N)`, `u` of shape `(N,)` and the per-step
+decay `d_t = exp(-exp(w_t))`:
+
+    y_t = sum_{i<t} r_t . (prod_{i<j<t} d_j * k_i) v_i
+        + r_t . (u * k_t) v_t
+        + sum_{i>t} r_t . (prod_{t<j<i} d_j * k_i) v_i
+
+(the decay between two tokens excludes both endpoints). Tensors in, tensors out: the op knows nothing
+about modules or configs.
+
+Paths:
+    * `naive_bi_wkv`: two explicit recurrences, a loop over tokens (reference, slow).
+    * `chunk_bi_wkv`: chunked, linear time, exact and overflow-free for any decay (default).
+"""
+
+import torch
+
+from .chunk import DEFAULT_CHUNK_SIZE, chunk_bi_wkv
+from .naive import naive_bi_wkv
+
+
+def bi_wkv(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Bidirectional WKV.
+
+    Args:
+        r, k, v, w: `(batch, seq_len, heads, head_size)`. `w` is log(-log(decay)).
+        u: `(heads, head_size)`, the bonus of the current token.
+        chunk_size: tokens per chunk of the chunked path (a speed knob; results do not depend on it
+            beyond float rounding).
+
+    Returns:
+        `(batch, seq_len, heads, head_size)` in the dtype of `r`, computed in float32 (float64 when an
+        input is float64) whatever the input dtype, with autocast disabled.
+    """
+    if r.dim() != 4:
+        raise ValueError(f"bi_wkv expects r of shape (batch, seq_len, heads, head_size), got {tuple(r.shape)}")
+    for name, tensor in (("k", k), ("v", v), ("w", w)):
+        if tensor.shape != r.shape:
+            raise ValueError(f"bi_wkv: {name} has shape {tuple(tensor.shape)}, expected {tuple(r.shape)} like r")
+    if u.shape != r.shape[2:]:
+        raise ValueError(f"bi_wkv: u has shape {tuple(u.shape)}, expected (heads, head_size) = {tuple(r.shape[2:])}")
+    if r.shape[1] == 0:
+        return torch.zeros_like(r)
+    return chunk_bi_wkv(r, k, v, w, u, chunk_size=chunk_size)
+
+
+__all__ = ["bi_wkv", "chunk_bi_wkv", "naive_bi_wkv", "DEFAULT_CHUNK_SIZE"]

@@ -1,0 +1,65 @@
+import os
+import sys
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+
+from rwkv_clip_hf import RWKVCLIPConfig  # noqa: E402
+
+
+VOCAB, BOS, EOS = 120, 118, 119
+
+
+def tiny_config(**overrides) -> RWKVCLIPConfig:
+    text = {
+        "hidden_size": 32,
+        "head_size": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 48,
+        "mix_lora_rank": 4,
+        "decay_lora_rank": 6,
+        "vocab_size": VOCAB,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "max_position_embeddings": 12,
+    }
+    vision = {
+        "hidden_size": 32,
+        "head_size": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 40,
+        "mix_lora_rank": 4,
+        "decay_lora_rank": 6,
+        "image_size": 32,
+        "patch_size": 8,
+        "drop_path_rate": 0.0,
+    }
+    text.update(overrides.pop("text_config", {}))
+    vision.update(overrides.pop("vision_config", {}))
+    return RWKVCLIPConfig(text_config=text, vision_config=vision, **overrides)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace every parameter with O(1) random values so that no term of the computation is trivially zero
+    (a fresh init zeroes the output projections). Decay parameters get a wide range."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            if name.endswith("time_decay"):
+                values = values * 2.0 - 1.0
+            elif name.endswith(("weight", "w1", "w2")) and param.dim() >= 2:
+                values = values / param.shape[-1] ** 0.5
+            elif "norm" in name and name.endswith("weight"):
+                values = 1.0 + 0.2 * values
+            param.copy_(values)
+    return model
+
+
+@pytest.fixture
+def config() -> RWKVCLIPConfig:
+    return tiny_config()
