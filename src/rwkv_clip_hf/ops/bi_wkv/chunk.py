@@ -4,7 +4,7 @@ The sequence is cut into chunks of `chunk_size` tokens.
 
 * Inside a chunk every pair of tokens interacts through the product of the decays strictly between
   them. That product is formed as `exp(sum of log-decays)` where the sum is accumulated over exactly
-  the tokens in between (a masked cumulative sum), never as a difference of two running sums: such a
+  the tokens in between (a 0/1 selection matmul), never as a difference of two running sums: such a
   difference cancels catastrophically after a very strong decay (log-decay -2e4 leaves a float32 error
   of ~1e-3 in every later exponent). In the bidirectional case the pairwise tensor is symmetric, so
   one tensor serves both directions; its diagonal holds the bonus `u`.
@@ -14,6 +14,8 @@ The sequence is cut into chunks of `chunk_size` tokens.
 Every exponent is <= 0, so nothing overflows for any decay (a fully decayed channel gives exact zeros),
 and the cost is O(T * chunk_size * N + T * N^2 / chunk_size) per head: linear in T.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,18 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+_MAX_LOG_RATE = 80.0
+
+
+@functools.lru_cache(maxsize=32)
+def _between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`(size * size, size)` 0/1 matrix: row (t, i) selects the tokens j strictly between t and i."""
+    index = torch.arange(size, device=device)
+    t, i, j = index[:, None, None], index[None, :, None], index[None, None, :]
+    inside = (j > torch.minimum(t, i)) & (j < torch.maximum(t, i))
+    return inside.to(dtype).reshape(size * size, size)
 
 
 def _directional_states(kv: torch.Tensor, chunk_decay: torch.Tensor) -> torch.Tensor:
@@ -72,20 +86,19 @@ def chunk_bi_wkv(
             return x.reshape(batch, heads, num_chunks, size, head_size)
 
         r_c, k_c, v_c = to_chunks(r), to_chunks(k), to_chunks(v)
-        log_decay = -torch.exp(to_chunks(w))
+        # w > 80 already means decay exactly 0; the clamp keeps every log-decay finite (0 * -inf would be nan)
+        log_decay = -torch.exp(to_chunks(w).clamp(max=_MAX_LOG_RATE))
         # log-decay of the previous / next token inside the chunk (zero across the chunk edge)
         prev_log_decay = F.pad(log_decay[..., :-1, :], (0, 0, 1, 0))
         next_log_decay = F.pad(log_decay[..., 1:, :], (0, 0, 0, 1))
 
-        # Intra-chunk: between[t, i] = sum_{i < j < t} log_decay[j] for t > i, by a masked cumsum over t.
-        index = torch.arange(size, device=r.device)
-        two_apart = (index[:, None] - index[None, :] >= 2)[..., None]  # (t, i, 1): t >= i + 2
-        between = torch.where(two_apart, prev_log_decay.unsqueeze(-2), 0.0).cumsum(dim=-3)
-        pair_decay = torch.exp(between + between.transpose(-3, -2))
-        diagonal = (index[:, None] == index[None, :])[..., None]
-        pair_decay = torch.where(diagonal, u.to(dtype).view(1, heads, 1, 1, 1, head_size), pair_decay)
-        scores = (r_c.unsqueeze(-2) * pair_decay * k_c.unsqueeze(-3)).sum(-1)  # (B, H, Cn, t, i)
-        y = scores @ v_c
+        # Intra-chunk: between[t, i] = sum of log_decay[j] over min(t, i) < j < max(t, i), as one matmul with a
+        # 0/1 selection matrix: only same-sign terms are added, so there is no cancellation.
+        between = (_between_selector(size, dtype, r.device) @ log_decay).unflatten(-2, (size, size))
+        scores = (r_c.unsqueeze(-2) * torch.exp(between) * k_c.unsqueeze(-3)).sum(-1)  # (B, H, Cn, t, i)
+        # the diagonal used exp(0) = 1 where the bonus u belongs
+        bonus = (r_c * (u.to(dtype).view(1, heads, 1, 1, head_size) - 1.0) * k_c).sum(-1)
+        y = (scores + torch.diag_embed(bonus)) @ v_c
 
         if num_chunks > 1:
             # decay from the chunk start to just before t, and from just after t to the chunk end
