@@ -71,7 +71,14 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
 
 
 class _ShiftMixin:
-    """Token shift of the tower this module belongs to."""
+    """Token shift of the tower this module belongs to, and the layer facts the RWKV-6 init schedules need."""
+
+    def _init_layer(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int) -> None:
+        self.layer_idx = layer_idx
+        self.num_layers = config.num_hidden_layers
+        self.hidden_size = config.hidden_size
+        self.head_size = config.head_size
+        self.shift_offsets = config.token_shift_offsets
 
     def _shift(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         return token_shift(hidden_states, grid_size, self.shift_offsets, self.head_size)
@@ -85,13 +92,10 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
 
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.num_layers = config.num_hidden_layers
-        self.hidden_size = dim = config.hidden_size
-        self.head_size = config.head_size
+        self._init_layer(config, layer_idx)
+        dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.mix_lora_rank = config.mix_lora_rank
-        self.shift_offsets = config.token_shift_offsets
 
         self.time_maa_x = nn.Parameter(torch.empty(dim))
         self.time_maa_wkvrg = nn.Parameter(torch.empty(5, dim))
@@ -166,11 +170,8 @@ class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
 
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.num_layers = config.num_hidden_layers
-        self.hidden_size = dim = config.hidden_size
-        self.head_size = config.head_size
-        self.shift_offsets = config.token_shift_offsets
+        self._init_layer(config, layer_idx)
+        dim = config.hidden_size
         self.time_maa_k = nn.Parameter(torch.empty(dim))
         self.time_maa_r = nn.Parameter(torch.empty(dim))
         self.key = nn.Linear(dim, config.intermediate_size, bias=False)
