@@ -146,6 +146,19 @@ def test_memory_is_linear_in_sequence_length():
     assert large <= 5 * small, (small, large)
 
 
+def test_training_after_inference_mode():
+    """Constants cached during an inference_mode call must still be usable by autograd afterwards."""
+    for seq_len in (5, 23):  # one chunk, several chunks
+        inputs = [x.float() for x in make_inputs(1, seq_len, 2, 4, "trained", seed=seq_len)]
+        with torch.inference_mode():
+            expected = bi_wkv(*inputs)
+        inputs = [x.requires_grad_() for x in inputs]
+        y = bi_wkv(*inputs)
+        y.sum().backward()
+        torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
+        assert all(x.grad is not None for x in inputs)
+
+
 def test_shape_errors_are_clear():
     r, k, v, w, u = (x.float() for x in make_inputs(1, 4, 2, 8))
     with pytest.raises(ValueError, match="k has shape"):

@@ -37,10 +37,12 @@ _MAX_LOG_RATE = 80.0
 @functools.lru_cache(maxsize=32)
 def _between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`(size * size, size)` 0/1 matrix: row (t, i) selects the tokens j strictly between t and i."""
-    index = torch.arange(size, device=device)
-    t, i, j = index[:, None, None], index[None, :, None], index[None, None, :]
-    inside = (j > torch.minimum(t, i)) & (j < torch.maximum(t, i))
-    return inside.to(dtype).reshape(size * size, size)
+    # cached across calls, so never an inference tensor: autograd must be able to save it later
+    with torch.inference_mode(False):
+        index = torch.arange(size, device=device)
+        t, i, j = index[:, None, None], index[None, :, None], index[None, None, :]
+        inside = (j > torch.minimum(t, i)) & (j < torch.maximum(t, i))
+        return inside.to(dtype).reshape(size * size, size)
 
 
 def _directional_states(kv: torch.Tensor, chunk_decay: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,6 @@ def chunk_bi_wkv(
         r_c, k_c, v_c = to_chunks(r), to_chunks(k), to_chunks(v)
         # w > 80 already means decay exactly 0; the clamp keeps every log-decay finite (0 * -inf would be nan)
         log_decay = -torch.exp(to_chunks(w).clamp(max=_MAX_LOG_RATE))
-        # log-decay of the previous / next token inside the chunk (zero across the chunk edge)
-        prev_log_decay = F.pad(log_decay[..., :-1, :], (0, 0, 1, 0))
-        next_log_decay = F.pad(log_decay[..., 1:, :], (0, 0, 0, 1))
 
         # Intra-chunk: between[t, i] = sum of log_decay[j] over min(t, i) < j < max(t, i), as one matmul with a
         # 0/1 selection matrix: only same-sign terms are added, so there is no cancellation.
@@ -101,6 +100,9 @@ def chunk_bi_wkv(
         y = (scores + torch.diag_embed(bonus)) @ v_c
 
         if num_chunks > 1:
+            # log-decay of the previous / next token inside the chunk (zero across the chunk edge)
+            prev_log_decay = F.pad(log_decay[..., :-1, :], (0, 0, 1, 0))
+            next_log_decay = F.pad(log_decay[..., 1:, :], (0, 0, 0, 1))
             # decay from the chunk start to just before t, and from just after t to the chunk end
             to_start = torch.exp(prev_log_decay.cumsum(-2))
             to_end = torch.exp(next_log_decay.flip(-2).cumsum(-2).flip(-2))
