@@ -7,6 +7,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageClassification,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
@@ -14,6 +15,7 @@ from transformers import (
 
 from .configuration_rwkv_clip import PRESETS, RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
 from .modeling_rwkv_clip import (
+    RWKVCLIPForImageClassification,
     RWKVCLIPModel,
     RWKVCLIPOutput,
     RWKVCLIPPreTrainedModel,
@@ -38,6 +40,7 @@ def _register() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(RWKVCLIPConfig, RWKVCLIPModel, exist_ok=True)
+    AutoModelForImageClassification.register(RWKVCLIPConfig, RWKVCLIPForImageClassification, exist_ok=True)
     for config_class in (RWKVCLIPConfig, RWKVCLIPTextConfig):
         AutoTokenizer.register(config_class, tokenizer_class=RWKVCLIPTokenizer, exist_ok=True)
     for config_class in (RWKVCLIPConfig, RWKVCLIPVisionConfig):
@@ -50,6 +53,7 @@ _register()
 __all__ = [
     "PRESETS",
     "RWKVCLIPConfig",
+    "RWKVCLIPForImageClassification",
     "RWKVCLIPImageProcessor",
     "RWKVCLIPModel",
     "RWKVCLIPOutput",

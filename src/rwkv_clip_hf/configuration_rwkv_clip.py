@@ -241,7 +241,11 @@ class RWKVCLIPConfig(_RemoteCodeConfigMixin, PreTrainedConfig):
 
 # model_type -> {transformers auto class: model class in modeling_rwkv_clip}
 AUTO_MODEL_CLASSES: dict[str, dict[str, str]] = {
-    "rwkv_clip": {"AutoModel": "RWKVCLIPModel", "AutoModelForZeroShotImageClassification": "RWKVCLIPModel"},
+    "rwkv_clip": {
+        "AutoModel": "RWKVCLIPModel",
+        "AutoModelForZeroShotImageClassification": "RWKVCLIPModel",
+        "AutoModelForImageClassification": "RWKVCLIPForImageClassification",
+    },
     "rwkv_clip_text_model": {"AutoModel": "RWKVCLIPTextModel"},
     "rwkv_clip_vision_model": {"AutoModel": "RWKVCLIPVisionModel"},
 }

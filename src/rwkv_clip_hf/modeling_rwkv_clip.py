@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
@@ -30,6 +30,33 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
 def rwkv_clip_loss(similarity: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a (text x image) similarity matrix whose diagonal holds the matching pairs."""
     return (contrastive_loss(similarity) + contrastive_loss(similarity.t())) / 2.0
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate `features` `(local_batch, dim)` of every rank in rank order, differentiably.
+
+    Outside `torch.distributed` (or with one process) the input is returned as is. Local batches may differ
+    in size between ranks (they are padded for the collective and cut back). The backward sums the gradient
+    of every rank's copy of the global loss into each rank's own features; since every rank computes the
+    same global loss, DDP's gradient averaging then yields exactly the gradient of the single-process loss
+    on the concatenated batch (open_clip's `gather_with_grad` semantics).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return features
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return features
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    size = torch.tensor([features.shape[0]], device=features.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
+    # the autograd all-gather's backward reduce-scatters (sums) the gradients back to their ranks
+    gathered = all_gather_tensor_autograd(padded, gather_dim=0, group=torch.distributed.group.WORLD)
+    return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)])
 
 
 def _source(offset: int, size: int) -> slice:
@@ -537,7 +564,17 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
         logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device)
         logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
         logits_per_image = logits_per_text.t()
-        loss = rwkv_clip_loss(logits_per_text) if return_loss else None
+        loss = None
+        if return_loss:
+            # under torch.distributed the loss is over the global batch of every rank (ARCHITECTURE.md §8)
+            all_text, all_images = gather_with_grad(text_embeds), gather_with_grad(image_embeds)
+            if all_text.shape[0] != all_images.shape[0]:
+                raise ValueError(
+                    f"return_loss needs one caption per image, got {all_text.shape[0]} captions and "
+                    f"{all_images.shape[0]} images"
+                )
+            global_logits = all_text @ all_images.t() * self.logit_scale.exp()
+            loss = rwkv_clip_loss(global_logits)
         return RWKVCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,
@@ -549,7 +586,52 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
         )
 
 
+class RWKVCLIPForImageClassification(RWKVCLIPPreTrainedModel):
+    """The RWKV-CLIP vision tower with a linear classifier on the image embedding (`pooler_output`).
+
+    Built from an `RWKVCLIPConfig` (with `num_labels`, `id2label`), so `from_pretrained` on a full RWKV-CLIP
+    checkpoint loads the vision tower and initialises the head. For linear probing, freeze the tower:
+    `model.vision_model.requires_grad_(False)`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # loading a full RWKV-CLIP checkpoint: the text tower and temperature are not used here
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_scale$"]
+
+    def __init__(self, config: RWKVCLIPConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = RWKVCLIPVisionModel._from_config(config.vision_config)
+        hidden = config.vision_config.hidden_size
+        self.classifier = nn.Linear(hidden, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values: images (see `RWKVCLIPVisionModel.forward`).
+            labels: `(batch,)` class indices; when given, `loss` is their cross-entropy.
+        """
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
 __all__ = [
+    "RWKVCLIPForImageClassification",
     "RWKVCLIPModel",
     "RWKVCLIPOutput",
     "RWKVCLIPPreTrainedModel",

@@ -1,0 +1,193 @@
+"""A procedurally generated captioned-image dataset: coloured shapes on plain backgrounds.
+
+Every image shows 1-3 copies of one shape in one colour, at one size and position, on one background; its
+captions describe those attributes in varied phrasings. Used by the examples and to train the bundled
+default model, and small enough to generate on a CPU in seconds:
+
+    from rwkv_clip_hf.shapes import make_shapes_dataset
+    train = make_shapes_dataset(2000, seed=0)                  # datasets.Dataset: image, caption, ...
+
+Splits for held-out evaluation: `held_out_pairs(...)` names colour x shape combinations that
+`make_shapes_dataset(..., exclude_pairs=...)` leaves out of training and `only_pairs=...` keeps for testing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "black": (10, 10, 10), "beige": (225, 210, 180)}
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross"]
+SIZES = {"small": 0.16, "large": 0.32}
+POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
+COUNTS = {1: "one", 2: "two", 3: "three"}
+
+# Caption phrasings; `{a}` is "a" or the count word, `{shape}` is plural when count > 1.
+TRAIN_TEMPLATES = [
+    "{a} {color} {shape}",
+    "{a} {size} {color} {shape} on a {background} background",
+    "a picture of {a} {color} {shape}",
+    "{a} {color} {shape} in the {position}",
+    "there {be} {a} {size} {color} {shape} on {background}",
+    "{color} {shape} drawn on a {background} canvas",
+    "an image showing {a} {color} {shape} near the {position}",
+    "{a} {size} {color} {shape}",
+]
+# Phrasings never used in training, for held-out evaluation of the bundled model.
+TEST_TEMPLATES = ["a photo of {a} {color} {shape}.", "this is {a} {color} {shape}."]
+
+
+def held_out_pairs(fraction: float = 0.2, seed: int = 1234) -> list[tuple[str, str]]:
+    """A reproducible set of (colour, shape) pairs to keep out of training; every colour and shape still
+    appears in training in other combinations."""
+    rng = np.random.default_rng(seed)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    chosen = []
+    for index in rng.permutation(len(pairs)):
+        color, shape = pairs[index]
+        if sum(c == color for c, _ in chosen) < 2 and sum(s == shape for _, s in chosen) < 3:
+            chosen.append((color, shape))
+        if len(chosen) >= round(fraction * len(pairs)):
+            break
+    return sorted(chosen)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
+    if shape == "star":
+        return [
+            (cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+             cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            for i in range(10)
+        ]
+    if shape == "cross":
+        t = r * 0.35
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
+                (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw(shape, color, size, position, count, background, image_size=64, rng=None) -> Image.Image:
+    """Render one image. `rng` jitters positions and sizes slightly (None: no jitter)."""
+    rng = rng or np.random.default_rng(0)
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+    canvas = ImageDraw.Draw(image)
+    radius = SIZES[size] * image_size * (1.0 / (1 + 0.5 * (count - 1))) * rng.uniform(0.85, 1.15)
+    px, py = POSITIONS[position]
+    spacing = 2.2 * radius
+    for i in range(count):
+        offset = (i - (count - 1) / 2) * spacing
+        horizontal = position in ("top", "bottom", "center")
+        cx = px * image_size + (offset if horizontal else 0) + rng.uniform(-2, 2)
+        cy = py * image_size + (0 if horizontal else offset) + rng.uniform(-2, 2)
+        if shape == "circle":
+            canvas.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=COLORS[color])
+        else:
+            canvas.polygon(_polygon(shape, cx, cy, radius), fill=COLORS[color])
+    return image
+
+
+def caption(template: str, shape, color, size, position, count, background) -> str:
+    a = "a" if count == 1 else COUNTS[count]
+    noun = shape if count == 1 else shape + ("es" if shape.endswith("s") else "s")
+    be = "is" if count == 1 else "are"
+    text = template.format(a=a, be=be, color=color, shape=noun, size=size, position=position, background=background)
+    return text.replace("a orange", "an orange")
+
+
+def sample_attributes(rng, exclude_pairs: Iterable = (), only_pairs: Iterable | None = None) -> dict:
+    exclude = set(map(tuple, exclude_pairs))
+    allowed = set(map(tuple, only_pairs)) if only_pairs is not None else None
+    while True:
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        if (color, shape) in exclude or (allowed is not None and (color, shape) not in allowed):
+            continue
+        background = str(rng.choice([b for b in BACKGROUNDS if b != color]))
+        return {
+            "shape": shape,
+            "color": color,
+            "size": str(rng.choice(list(SIZES))),
+            "position": str(rng.choice(list(POSITIONS))),
+            "count": int(rng.choice(list(COUNTS))),
+            "background": background,
+        }
+
+
+def make_shapes_dataset(
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = 64,
+    templates: list[str] | None = None,
+    captions_per_image: int = 3,
+    exclude_pairs: Iterable = (),
+    only_pairs: Iterable | None = None,
+):
+    """A `datasets.Dataset` with columns `image` (PIL), `caption` (one phrasing), `captions` (several
+    phrasings, for text augmentation), the attributes `shape`, `color`, `size`, `position`, `count`,
+    `background`, and `label` (the shape index, for classification)."""
+    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    templates = templates or TRAIN_TEMPLATES
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label")}
+    for _ in range(num_samples):
+        attributes = sample_attributes(rng, exclude_pairs, only_pairs)
+        image = draw(**attributes, image_size=image_size, rng=rng)
+        phrasings = [caption(str(t), **attributes) for t in rng.choice(templates, size=captions_per_image, replace=len(templates) < captions_per_image)]
+        rows["image"].append(image)
+        rows["caption"].append(phrasings[0])
+        rows["captions"].append(phrasings)
+        for key, value in attributes.items():
+            rows[key].append(value)
+        rows["label"].append(SHAPES.index(attributes["shape"]))
+    features = Features(
+        {
+            "image": ImageFeature(),
+            "caption": Value("string"),
+            "captions": Sequence(Value("string")),
+            "shape": Value("string"),
+            "color": Value("string"),
+            "size": Value("string"),
+            "position": Value("string"),
+            "count": Value("int32"),
+            "background": Value("string"),
+            "label": Value("int64"),
+        }
+    )
+    return Dataset.from_dict(rows, features=features)
+
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLORS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "TEST_TEMPLATES",
+    "TRAIN_TEMPLATES",
+    "caption",
+    "draw",
+    "held_out_pairs",
+    "make_shapes_dataset",
+]

@@ -1,0 +1,263 @@
+"""Training helpers for `transformers.Trainer`: contrastive pre-training / fine-tuning and classification.
+
+* `ContrastiveTransform`: a `datasets` `set_transform` that turns rows with an image column and one or more
+  caption columns into model inputs, lazily, choosing one caption per sample and step (the paper's text
+  augmentation, ARCHITECTURE.md §8).
+* `ContrastiveCollator` / `ClassificationCollator`: batch what the transforms produce.
+* `LogitScaleClampCallback`: clamps `logit_scale` to [0, ln 100] after every optimizer step.
+* `RWKVCLIPTrainer`: a `Trainer` that adds the clamp and applies weight decay as CLIP training does (not to
+  biases, norm gains or the temperature).
+* `paper_training_arguments`: `TrainingArguments` with the paper's recipe (§9) as defaults.
+* `accuracy_metric` / `compute_accuracy`: an `evaluate` accuracy for `compute_metrics`.
+
+The contrastive loss itself is computed by `RWKVCLIPModel(..., return_loss=True)`; under `torch.distributed`
+it gathers the features of every rank with gradients, so the loss is over the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ContrastiveTransform:
+    """`dataset.set_transform(ContrastiveTransform(processor, ...))`: rows -> `pixel_values` + `input_ids`.
+
+    Args:
+        processor: an `RWKVCLIPProcessor` (or any processor with `image_processor` and `tokenizer`).
+        image_column: the column holding images (PIL images, arrays or paths).
+        caption_columns: one or more text columns, e.g. `("raw_text", "synthetic_caption",
+            "generated_description")` for the paper's Tr, Ts, Tg. Each sample uses one of them per access.
+            A column may also hold a list of captions per row; one of them is then drawn uniformly.
+        probabilities: how often each column is chosen (default uniform, as in the paper). Columns that are
+            empty or missing for a row are skipped and the others renormalised.
+        seed: seeds the choice. The sequence of choices is reproducible for the same sequence of accesses
+            (Trainer's sampler is seeded too); each dataloader worker folds in its worker id.
+    """
+
+    def __init__(
+        self,
+        processor,
+        image_column: str = "image",
+        caption_columns: str | Sequence[str] = ("caption",),
+        probabilities: Sequence[float] | None = None,
+        seed: int = 0,
+    ):
+        self.processor = processor
+        self.image_column = image_column
+        self.caption_columns = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
+        if not self.caption_columns:
+            raise ValueError("ContrastiveTransform: give at least one caption column")
+        if probabilities is None:
+            probabilities = [1.0] * len(self.caption_columns)
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if probabilities.shape != (len(self.caption_columns),) or (probabilities < 0).any() or probabilities.sum() <= 0:
+            raise ValueError(
+                f"ContrastiveTransform: probabilities {probabilities.tolist()} must be {len(self.caption_columns)} "
+                "non-negative numbers, not all zero, one per caption column"
+            )
+        self.probabilities = probabilities / probabilities.sum()
+        self.seed = seed
+        self._rng = None
+        self._worker = None
+
+    def _generator(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        if self._rng is None or worker != self._worker:
+            self._rng, self._worker = np.random.default_rng([self.seed, worker + 1]), worker
+        return self._rng
+
+    def choose_captions(self, batch: dict) -> list[str]:
+        """One caption per row of `batch` (a dict of columns), drawn from the caption columns."""
+        missing = [c for c in self.caption_columns if c not in batch]
+        if len(missing) == len(self.caption_columns):
+            raise KeyError(_missing_columns_message(missing, batch))
+        rng = self._generator()
+        rows = len(batch[self.image_column]) if self.image_column in batch else len(next(iter(batch.values())))
+        captions = []
+        for row in range(rows):
+            options = []
+            for column, weight in zip(self.caption_columns, self.probabilities):
+                value = batch[column][row] if column in batch else None
+                if isinstance(value, (list, tuple)):
+                    value = [v for v in value if isinstance(v, str) and v.strip()]
+                    value = value[rng.integers(len(value))] if value else None
+                if isinstance(value, str) and value.strip() and weight > 0:
+                    options.append((value, weight))
+            if not options:
+                raise ValueError(f"ContrastiveTransform: row {row} has no non-empty caption in {self.caption_columns}")
+            weights = np.array([w for _, w in options])
+            captions.append(options[rng.choice(len(options), p=weights / weights.sum())][0])
+        return captions
+
+    def __call__(self, batch: dict) -> dict:
+        if self.image_column not in batch:
+            raise KeyError(_missing_columns_message([self.image_column], batch))
+        captions = self.choose_captions(batch)
+        pixels = self.processor.image_processor(batch[self.image_column], return_tensors="pt")["pixel_values"]
+        ids = self.processor.tokenizer(captions, truncation=True)["input_ids"]
+        return {"pixel_values": list(pixels), "input_ids": ids}
+
+
+def _missing_columns_message(missing, batch) -> str:
+    return (
+        f"columns {missing} are not in the batch (it has {sorted(batch)}). With `set_transform`, pass "
+        "`TrainingArguments(remove_unused_columns=False)`: otherwise Trainer drops the raw columns before the "
+        "transform sees them."
+    )
+
+
+class ContrastiveCollator:
+    """Stacks `pixel_values`, pads `input_ids` (with an attention mask) and asks the model for the loss."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.tokenizer.pad({"input_ids": [f["input_ids"] for f in features]}, return_tensors="pt")
+        batch["pixel_values"] = torch.stack([torch.as_tensor(f["pixel_values"]) for f in features])
+        batch["return_loss"] = True
+        return batch
+
+
+class ClassificationTransform:
+    """`dataset.set_transform(ClassificationTransform(image_processor))`: rows -> `pixel_values` + `labels`."""
+
+    def __init__(self, image_processor, image_column: str = "image", label_column: str = "label"):
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict) -> dict:
+        missing = [c for c in (self.image_column, self.label_column) if c not in batch]
+        if missing:
+            raise KeyError(_missing_columns_message(missing, batch))
+        pixels = self.image_processor(batch[self.image_column], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixels), "labels": list(batch[self.label_column])}
+
+
+def classification_collator(features: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
+        "labels": torch.tensor([int(f["labels"]) for f in features]),
+    }
+
+
+class LogitScaleClampCallback(TrainerCallback):
+    """Clamps the model's `logit_scale` to `[0, ln 100]` after every optimizer step (the paper's recipe)."""
+
+    def __init__(self, min_value: float = 0.0, max_value: float = MAX_LOGIT_SCALE):
+        self.min_value, self.max_value = min_value, max_value
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        parameter = getattr(model, "logit_scale", None)
+        if parameter is not None:
+            with torch.no_grad():
+                parameter.clamp_(self.min_value, self.max_value)
+
+
+class RWKVCLIPTrainer(Trainer):
+    """`Trainer` with the RWKV-CLIP recipe: logit-scale clamp, and weight decay on every parameter except
+    biases, LayerNorm/GroupNorm gains and the temperature (CLIP training's exclusions; the RWKV mixing and
+    decay parameters are matrices in the original and are decayed)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model
+        if hasattr(model, "logit_scale") and not any(isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(LogitScaleClampCallback())
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        no_decay = {"logit_scale"}
+        for module_name, module in model.named_modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                no_decay.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False))
+        return [
+            name
+            for name, _ in model.named_parameters()
+            if name not in no_decay and not name.endswith("bias") and not name.endswith(".logit_scale")
+        ]
+
+
+def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
+    """`TrainingArguments` following the paper's recipe (ARCHITECTURE.md §9), any field overridable.
+
+    AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup (`warmup_steps=0.1`, a fraction) then cosine
+    decay (the paper's OneCycle), gradient clipping at norm 1, bf16 autocast when the hardware has it, and
+    `remove_unused_columns=False` (the transforms need the raw columns). The paper's batch is 4096 over
+    8 GPUs: scale `per_device_train_batch_size` x processes x `gradient_accumulation_steps` to your budget.
+    """
+    defaults = dict(
+        learning_rate=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        weight_decay=0.2,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        max_grad_norm=1.0,
+        bf16=_bf16_available(),
+        remove_unused_columns=False,
+        report_to="none",
+    )
+    defaults.update(overrides)
+    return TrainingArguments(output_dir=output_dir, **defaults)
+
+
+def _bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def accuracy_metric():
+    """transformers' usual `evaluate.load("accuracy")`; offline without a cached copy, the same metric
+    computed locally (with a warning), so `compute_metrics` works everywhere."""
+    import evaluate
+
+    try:
+        return evaluate.load("accuracy")
+    except Exception as error:  # offline and not cached: evaluate raises various connection errors
+        logger.warning_once(f"evaluate.load('accuracy') unavailable ({type(error).__name__}); using a local accuracy")
+        return _LocalAccuracy()
+
+
+class _LocalAccuracy:
+    def compute(self, predictions, references):
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        return {"accuracy": float((predictions == references).mean())}
+
+
+def compute_accuracy(eval_prediction) -> dict:
+    """`compute_metrics` for classification: top-1 accuracy of the logits' argmax."""
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return accuracy_metric().compute(predictions=np.argmax(logits, axis=-1), references=labels)
+
+
+#: LoRA target modules of RWKV-CLIP (both towers): time-mix and channel-mix projections.
+LORA_TARGET_MODULES = ["receptance", "key", "value", "gate", "output"]
+
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "ClassificationTransform",
+    "ContrastiveCollator",
+    "ContrastiveTransform",
+    "LogitScaleClampCallback",
+    "RWKVCLIPTrainer",
+    "accuracy_metric",
+    "classification_collator",
+    "compute_accuracy",
+    "paper_training_arguments",
+]

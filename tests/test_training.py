@@ -1,0 +1,272 @@
+"""Training under Trainer, the global-batch loss across ranks, text augmentation, the clamp, PEFT."""
+
+import math
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import randomize_, tiny_config
+
+from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.shapes import COLORS, make_shapes_dataset
+from rwkv_clip_hf.training import (
+    LORA_TARGET_MODULES,
+    ClassificationTransform,
+    ContrastiveCollator,
+    ContrastiveTransform,
+    LogitScaleClampCallback,
+    RWKVCLIPTrainer,
+    classification_collator,
+    compute_accuracy,
+    paper_training_arguments,
+)
+
+
+IMAGE_SIZE = 32
+
+
+def real_vocab_config(**overrides):
+    return tiny_config(
+        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 77},
+        vision_config={"image_size": IMAGE_SIZE, "patch_size": 8, "drop_path_rate": 0.0},
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return RWKVCLIPProcessor.from_bundled(image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return make_shapes_dataset(96, seed=0, image_size=IMAGE_SIZE)
+
+
+def test_contrastive_loss_falls_under_trainer(tmp_path, processor, shapes):
+    torch.manual_seed(0)
+    model = RWKVCLIPModel(real_vocab_config())
+    # 32 pairs seen repeatedly: the loss must fall well below chance (ln 16) within 60 steps
+    dataset = shapes.select(range(32)).with_transform(ContrastiveTransform(processor, "image", ["caption"], seed=0))
+    args = paper_training_arguments(
+        str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=60,
+        learning_rate=5e-3,
+        warmup_steps=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+    )
+    trainer = RWKVCLIPTrainer(model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 60
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert first > 0.9 * math.log(16)  # starts near chance: ln(batch)
+    assert last < 0.7 * first, (first, last)
+    assert 0.0 <= model.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_trainer_weight_decay_groups():
+    model = RWKVCLIPModel(real_vocab_config())
+    trainer = RWKVCLIPTrainer(model=model, args=paper_training_arguments("unused", use_cpu=True))
+    decay = set(trainer.get_decay_parameter_names(model))
+    assert "logit_scale" not in decay
+    assert "vision_model.encoder.layers.0.norm1.weight" not in decay
+    assert "vision_model.encoder.layers.0.token_mix.ln_x.weight" not in decay
+    assert "vision_model.embeddings.patch_embedding.bias" not in decay
+    assert "text_model.encoder.layers.0.token_mix.key.weight" in decay
+    assert "text_model.encoder.layers.0.token_mix.time_decay" in decay
+    assert any(isinstance(cb, LogitScaleClampCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_logit_scale_clamp():
+    model = RWKVCLIPModel(real_vocab_config())
+    callback = LogitScaleClampCallback()
+    for value, expected in ((10.0, math.log(100)), (-1.0, 0.0), (2.0, 2.0)):
+        with torch.no_grad():
+            model.logit_scale.fill_(value)
+        callback.on_step_end(None, None, None, model=model)
+        assert model.logit_scale.item() == pytest.approx(expected)
+
+
+def test_augmentation_frequencies_and_determinism(processor):
+    batch = {
+        "image": [None] * 3000,
+        "raw": [f"raw {i}" for i in range(3000)],
+        "synthetic": [f"syn {i}" for i in range(3000)],
+        "generated": [f"gen {i}" if i % 2 else "" for i in range(3000)],  # half the rows lack Tg
+    }
+    transform = ContrastiveTransform(processor, "image", ["raw", "synthetic", "generated"], seed=7)
+    chosen = transform.choose_captions(batch)
+    kinds = np.array([c.split()[0] for c in chosen])
+    with_tg, without_tg = kinds[1::2], kinds[0::2]
+    for kind in ("raw", "syn", "gen"):  # uniform over the three where all exist: 1/3 each (sd ~0.012)
+        assert abs((with_tg == kind).mean() - 1 / 3) < 0.05
+    assert (without_tg == "gen").sum() == 0  # missing captions are never chosen...
+    assert abs((without_tg == "raw").mean() - 0.5) < 0.05  # ...and the others share its probability
+    # the same seed gives the same choices; another seed other choices
+    again = ContrastiveTransform(processor, "image", ["raw", "synthetic", "generated"], seed=7).choose_captions(batch)
+    other = ContrastiveTransform(processor, "image", ["raw", "synthetic", "generated"], seed=8).choose_captions(batch)
+    assert again == chosen and other != chosen
+    # custom probabilities
+    weighted = ContrastiveTransform(processor, "image", ["raw", "synthetic"], probabilities=[0.8, 0.2], seed=0)
+    kinds = np.array([c.split()[0] for c in weighted.choose_captions(batch)])
+    assert abs((kinds == "raw").mean() - 0.8) < 0.04
+
+
+def test_transform_errors_name_columns(processor, shapes):
+    transform = ContrastiveTransform(processor, "image", ["caption"])
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        transform({"pixel_values": [1]})
+    with pytest.raises(ValueError, match="probabilities"):
+        ContrastiveTransform(processor, "image", ["a", "b"], probabilities=[1.0])
+    with pytest.raises(ValueError, match="no non-empty caption"):
+        transform.choose_captions({"image": [None], "caption": ["  "]})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world_size, port, state, inputs, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = RWKVCLIPModel(real_vocab_config())
+        model.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        # uneven local batches (3 + 5): the gather pads and cuts back
+        bounds = [0, 3, 8]
+        local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in inputs.items()}
+        loss = ddp(**local, return_loss=True).loss
+        loss.backward()  # DDP averages the gradients over ranks
+        if rank == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, "rank0.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_loss_and_gradients_equal_single_process(tmp_path, processor, shapes):
+    torch.manual_seed(0)
+    model = randomize_(RWKVCLIPModel(real_vocab_config()), seed=1)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    rows = shapes.select(range(8))
+    inputs = dict(processor(text=list(rows["caption"]), images=list(rows["image"]), padding=True, return_tensors="pt"))
+    loss = model(**inputs, return_loss=True).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    context = mp.spawn(
+        _distributed_worker, args=(2, _free_port(), state, inputs, str(tmp_path)), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=2):  # a hung collective must fail the test, not stall CI
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("the 2-process run did not finish within 240 s")
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    assert result["grads"].keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # a wrong gather (local loss only) would give a different loss: make sure the batch split matters
+    local_loss = model(**{k: v[:3] for k, v in inputs.items()}, return_loss=True).loss
+    assert abs(local_loss.item() - loss.item()) > 1e-3
+
+
+def test_lora_save_load_merge(tmp_path, processor):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = randomize_(RWKVCLIPModel(real_vocab_config()), seed=2).eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES))
+    targeted = {name.rsplit(".", 1)[-1] for name, _ in peft_model.named_modules() if name.endswith(tuple(LORA_TARGET_MODULES))}
+    assert targeted == set(LORA_TARGET_MODULES)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    image = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    text = processor.tokenizer(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        adapted = peft_model(pixel_values=image, **text).logits_per_image
+        plain = RWKVCLIPModel(real_vocab_config()).eval()
+        plain.load_state_dict(base_state)
+        assert not torch.allclose(plain(pixel_values=image, **text).logits_per_image, adapted, atol=1e-4)
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh = RWKVCLIPModel(real_vocab_config()).eval()
+    fresh.load_state_dict(base_state)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=image, **text).logits_per_image, adapted, rtol=1e-5, atol=1e-5)
+        merged = loaded.merge_and_unload()
+        assert type(merged) is RWKVCLIPModel
+        torch.testing.assert_close(merged(pixel_values=image, **text).logits_per_image, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_classification_under_trainer(tmp_path, processor, shapes):
+    torch.manual_seed(0)
+    config = real_vocab_config()
+    config.num_labels = len(COLORS)
+    model = RWKVCLIPForImageClassification(config)
+    # classify the colour (a quick task for a tiny model); labels from a derived column
+    colors = shapes.map(lambda row: {"color_id": list(COLORS).index(row["color"])}, remove_columns=["label"])
+    transform = ClassificationTransform(processor.image_processor, "image", "color_id")
+    train, test = colors.select(range(64)).with_transform(transform), colors.select(range(64, 96)).with_transform(transform)
+    args = paper_training_arguments(
+        str(tmp_path),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        num_train_epochs=12,
+        learning_rate=1e-2,
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = RWKVCLIPTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=classification_collator,
+        compute_metrics=compute_accuracy,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
+
+
+def test_linear_probe_freezes_the_tower():
+    config = real_vocab_config()
+    config.num_labels = 3
+    model = RWKVCLIPForImageClassification(config)
+    model.vision_model.requires_grad_(False)
+    out = model(pixel_values=torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is None for p in model.vision_model.parameters())
