@@ -3,7 +3,14 @@
 Importing the package registers the configs and models with the transformers Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .configuration_rwkv_clip import PRESETS, RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
 from .modeling_rwkv_clip import (
@@ -13,7 +20,10 @@ from .modeling_rwkv_clip import (
     RWKVCLIPTextModel,
     RWKVCLIPVisionModel,
 )
+from .image_processing_rwkv_clip import RWKVCLIPImageProcessor
 from .ops.bi_wkv import bi_wkv
+from .processing_rwkv_clip import RWKVCLIPProcessor
+from .tokenization_rwkv_clip import RWKVCLIPTokenizer
 
 
 __version__ = "0.1.0"
@@ -28,6 +38,11 @@ def _register() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(RWKVCLIPConfig, RWKVCLIPModel, exist_ok=True)
+    for config_class in (RWKVCLIPConfig, RWKVCLIPTextConfig):
+        AutoTokenizer.register(config_class, tokenizer_class=RWKVCLIPTokenizer, exist_ok=True)
+    for config_class in (RWKVCLIPConfig, RWKVCLIPVisionConfig):
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": RWKVCLIPImageProcessor}, exist_ok=True)
+    AutoProcessor.register(RWKVCLIPConfig, RWKVCLIPProcessor, exist_ok=True)
 
 
 _register()
@@ -35,12 +50,15 @@ _register()
 __all__ = [
     "PRESETS",
     "RWKVCLIPConfig",
+    "RWKVCLIPImageProcessor",
     "RWKVCLIPModel",
     "RWKVCLIPOutput",
     "RWKVCLIPPreTrainedModel",
+    "RWKVCLIPProcessor",
     "RWKVCLIPTextConfig",
     "RWKVCLIPTextModel",
     "RWKVCLIPVisionConfig",
     "RWKVCLIPVisionModel",
+    "RWKVCLIPTokenizer",
     "bi_wkv",
 ]

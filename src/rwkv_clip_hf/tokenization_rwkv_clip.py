@@ -1,0 +1,192 @@
+"""Tokenizer of RWKV-CLIP: CLIP's byte-level BPE with the original text cleaning (ARCHITECTURE.md §8).
+
+The ids are those of the original code: `[49406] + bpe(clean(text)) + [49407]`, cut to 77 with the last id
+forced to 49407, padded with id 0.
+
+The byte-level BPE runs in `tokenizers` (Rust). The cleaning the original applies before it (ftfy repair,
+HTML-unescaping twice, whitespace collapse, lower-casing) has no exact `tokenizers` normalizer: ftfy and
+HTML entities have none at all, and `tokenizers`' lower-casing works character by character where Python's
+`str.lower` (the original's) knows the final sigma. So `RWKVCLIPTokenizer` cleans every input string in
+Python (`clean_text`) before handing it to the backend, whose normalizer is empty. Anything that encodes
+through the tokenizer's public methods (`__call__`, `encode`, `tokenize`, the processor, the pipeline) gets
+the original ids; calling `tokenizer.backend_tokenizer` directly skips the cleaning.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+from functools import lru_cache
+from importlib import resources
+
+import ftfy
+import numpy as np
+import regex
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+NUM_MERGES = 48894  # lines 1..48894 after the header: 256 + 256 + 48894 + 2 = 49408 ids
+BOS_TOKEN = "<start_of_text>"
+EOS_TOKEN = "<end_of_text>"
+# The original pads with id 0, the byte symbol "!"; it is a padding value, not a special token.
+PAD_TOKEN = "!"
+
+# CLIP's split: the contractions, runs of letters, single digits, runs of anything else but spaces.
+SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+_WHITESPACE = regex.compile(r"\s+")
+# Characters ftfy may change in otherwise plain ASCII text: HTML entities, terminal escapes, control
+# characters and carriage returns. Printable ASCII without "&" is left exactly as it is by ftfy.
+_ASCII_SAFE = regex.compile(r"[\x20-\x25\x27-\x7e]*")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet: every byte maps to a printable character.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen, ...) are
+    moved to code points 256 and up, in byte order. The dict's order is the vocabulary's order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def clean_text(text: str) -> str:
+    """The original's text cleaning: ftfy repair, HTML-unescape twice, collapse whitespace, lower-case."""
+    if not _ASCII_SAFE.fullmatch(text):
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return _WHITESPACE.sub(" ", text.strip()).strip().lower()
+
+
+@lru_cache(maxsize=1)
+def bundled_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges built from the BPE file shipped in the package (§8)."""
+    with resources.files("rwkv_clip_hf").joinpath("data", BPE_FILE).open("rb") as handle:
+        lines = gzip.decompress(handle.read()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
+    if len(merges) != NUM_MERGES or any(len(merge) != 2 for merge in merges):
+        raise RuntimeError(f"{BPE_FILE}: expected {NUM_MERGES} merge lines of two symbols after the header")
+    symbols = list(bytes_to_unicode().values())
+    symbols += [symbol + "</w>" for symbol in symbols]
+    symbols += ["".join(merge) for merge in merges]
+    symbols += [BOS_TOKEN, EOS_TOKEN]
+    return {symbol: index for index, symbol in enumerate(symbols)}, merges
+
+
+class RWKVCLIPTokenizer(TokenizersBackend):
+    """CLIP byte-level BPE tokenizer giving the original RWKV-CLIP ids (backed by `tokenizers`).
+
+    Defaults: start id 49406 (`<start_of_text>`), end id 49407 (`<end_of_text>`), pad id 0, at most 77
+    tokens. Unlike other transformers tokenizers, it truncates to `model_max_length` unless asked not to
+    (`truncation=False`), as the original always did; the cut keeps the end token last.
+
+    Args:
+        vocab (`dict[str, int]`, *optional*): the vocabulary; defaults to the one built from the bundled
+            CLIP BPE file.
+        merges (`list`, *optional*): the BPE merges; defaults to the bundled ones.
+        model_max_length (`int`, *optional*, defaults to 77): the context length of the text tower.
+    """
+
+    vocab_files_names = {"tokenizer_file": "tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+    model = BPE
+
+    def __init__(
+        self,
+        vocab: dict[str, int] | None = None,
+        merges: list | None = None,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        pad_token: str = PAD_TOKEN,
+        unk_token: str = EOS_TOKEN,
+        model_max_length: int = 77,
+        **kwargs,
+    ):
+        if vocab is None or merges is None:
+            vocab, merges = bundled_vocab_and_merges()
+        merges = [tuple(merge.split()) if isinstance(merge, str) else tuple(merge) for merge in merges]
+        backend = Tokenizer(
+            BPE(vocab=dict(vocab), merges=merges, end_of_word_suffix="</w>", unk_token=str(unk_token), fuse_unk=False)
+        )
+        backend.normalizer = None  # cleaning happens in Python, see the module docstring
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex("(?i)" + SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        backend.decoder = decoders.Sequence(
+            [decoders.ByteLevel(), decoders.Replace("</w>", " "), decoders.Strip(" ", 0, 1)]
+        )
+        self._tokenizer = backend
+        # Special tokens are never looked for in the text: the original splits "<end_of_text>" typed in a
+        # caption like any other characters.
+        kwargs["split_special_tokens"] = True
+        super().__init__(
+            bos_token=AddedToken(bos_token, special=True) if isinstance(bos_token, str) else bos_token,
+            eos_token=AddedToken(eos_token, special=True) if isinstance(eos_token, str) else eos_token,
+            unk_token=unk_token,
+            pad_token=pad_token,
+            model_max_length=model_max_length,
+            **kwargs,
+        )
+        self._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{self.bos_token} $A {self.eos_token}",
+            pair=f"{self.bos_token} $A {self.eos_token} $B:1 {self.eos_token}:1",
+            special_tokens=[(self.bos_token, self.bos_token_id), (self.eos_token, self.eos_token_id)],
+        )
+
+    def _get_padding_truncation_strategies(self, padding=False, truncation=None, max_length=None, **kwargs):
+        # The original always cut captions to the context length; keep that unless the caller says otherwise.
+        if truncation is None:
+            truncation = True
+        return super()._get_padding_truncation_strategies(
+            padding=padding, truncation=truncation, max_length=max_length, **kwargs
+        )
+
+    def _encode_plus(self, text, text_pair=None, *args, is_split_into_words: bool = False, **kwargs):
+        if isinstance(text, (list, tuple)) and len(text) == 0:
+            # transformers fails with an IndexError here; the zero-shot pipeline passes its labels straight in
+            raise ValueError(
+                "RWKVCLIPTokenizer: got an empty list of texts (for zero-shot classification, give at least one "
+                "candidate label)"
+            )
+        text = _clean_inputs(text, is_split_into_words)
+        if text_pair is not None:
+            text_pair = _clean_inputs(text_pair, is_split_into_words)
+        batched = isinstance(text, (list, tuple)) and (
+            not is_split_into_words or (len(text) > 0 and isinstance(text[0], (list, tuple)))
+        )
+        return_tensors = kwargs.get("return_tensors")
+        if not batched or return_tensors is None or kwargs.get("return_overflowing_tokens"):
+            return super()._encode_plus(text, text_pair, *args, is_split_into_words=is_split_into_words, **kwargs)
+        # transformers converts batches to tensors through a pure-Python flatten of every list, which costs
+        # more than the BPE itself for thousands of captions; rectangular batches go through numpy instead.
+        kwargs["return_tensors"] = None
+        output = super()._encode_plus(text, text_pair, *args, is_split_into_words=is_split_into_words, **kwargs)
+        data = {}
+        for key, value in output.items():
+            lengths = {len(row) for row in value} if value and isinstance(value[0], list) else set()
+            data[key] = np.asarray(value, dtype=np.int64) if len(lengths) == 1 else value
+        return BatchEncoding(data, output.encodings, tensor_type=return_tensors)
+
+
+def _clean_inputs(text, is_split_into_words: bool):
+    if isinstance(text, str):
+        return clean_text(text)
+    if isinstance(text, (list, tuple)):
+        return [_clean_inputs(item, is_split_into_words) for item in text]
+    return text  # not text: the base class raises its usual error
+
+
+__all__ = ["RWKVCLIPTokenizer", "bytes_to_unicode", "clean_text"]
