@@ -34,7 +34,7 @@ from huggingface_hub.utils import tqdm
 from transformers import AutoModel
 
 import original_reference
-from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel
+from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 
 
 logger = logging.getLogger("rwkv_clip_conversion")
@@ -691,13 +691,18 @@ def verify_conversion(
 # ============================================================================ processor and model card
 
 
-def save_processor(output_dir: str | os.PathLike, image_size: int) -> None:
-    """PROCESSOR HOOK: write the tokenizer and image-processor files (issue 3).
-
-    Pending the processor issue: `RWKVCLIPProcessor.from_bundled(image_size=image_size).save_pretrained(output_dir)`
-    replaces this body once `rwkv_clip_hf.RWKVCLIPProcessor` exists. Until then no processor files are written.
-    """
-    logger.warning("processor files not written: RWKVCLIPProcessor is not available yet (issue 3)")
+def save_processor(output_dir: str | os.PathLike, config: RWKVCLIPConfig) -> None:
+    """Write the tokenizer and image-processor files: the bundled CLIP BPE and the original preprocessing."""
+    processor = RWKVCLIPProcessor.from_bundled(
+        image_size=config.vision_config.image_size, context_length=config.text_config.max_position_embeddings
+    )
+    if len(processor.tokenizer) != config.text_config.vocab_size:
+        logger.warning(
+            "the checkpoint's vocabulary (%d) is not the bundled CLIP BPE's (%d): the saved tokenizer does not fit it",
+            config.text_config.vocab_size,
+            len(processor.tokenizer),
+        )
+    processor.save_pretrained(output_dir)
 
 
 def infer_training_data(*names: str | None) -> list[str]:
@@ -750,9 +755,7 @@ def model_card(
         f"authors' released weights ([{ORIGINAL_REPO_URL}]({ORIGINAL_REPO_URL}), MIT) converted to a native",
         "Hugging Face `transformers` model by rwkv-clip-hf (`conversion/convert_rwkv_clip_original.py`).",
         "",
-        f"- Architecture: {describe(config)}; 640-d joint embedding without projection layer."
-        if architecture
-        else f"- Architecture: {describe(config)}.",
+        f"- Architecture: {describe(config)}; {config.projection_dim}-d joint embedding (no projection layer).",
         f"- Training data: {data_text}.",
         f"- Converted from `{checkpoint_name}` (sha256 `{checkpoint_sha256}`), stored as {dtype}.",
     ]
@@ -770,11 +773,11 @@ def model_card(
         "from PIL import Image",
         "from transformers import AutoModel, AutoProcessor, pipeline",
         "",
+        "import rwkv_clip_hf  # pip install rwkv-clip-hf: registers the model, tokenizer and processor",
+        "",
         f'repo = "{repo_id}"',
-        "# trust_remote_code loads the model code stored in the repository; with `pip install rwkv-clip-hf`",
-        "# and `import rwkv_clip_hf` it is not needed",
-        "model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()",
-        "processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)",
+        "model = AutoModel.from_pretrained(repo).eval()",
+        "processor = AutoProcessor.from_pretrained(repo)",
         "",
         'image = Image.open("cat.jpg")',
         'labels = ["a photo of a cat", "a photo of a dog"]',
@@ -783,12 +786,14 @@ def model_card(
         "    probs = model(**inputs).logits_per_image.softmax(dim=-1)",
         "print(probs)",
         "",
-        'classifier = pipeline("zero-shot-image-classification", model=repo, trust_remote_code=True)',
+        'classifier = pipeline("zero-shot-image-classification", model=repo)',
         'print(classifier(image, candidate_labels=["cat", "dog"]))',
         "```",
         "",
         "Embeddings: `model.get_image_features(pixel_values).pooler_output` and",
-        "`model.get_text_features(input_ids, attention_mask).pooler_output` (640-d, not normalised).",
+        "`model.get_text_features(input_ids, attention_mask).pooler_output` (not normalised). The repository also",
+        "carries the model code, so `AutoModel.from_pretrained(repo, trust_remote_code=True)` loads the model",
+        "without the package.",
     ]
     published = PUBLISHED_RESULTS.get((architecture, training_data[0] if len(training_data) == 1 else None))
     if published:
@@ -832,8 +837,20 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise ConversionError(f"output directory {output} exists and is not empty; pass --overwrite to replace it")
 
 
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _publish(staging: Path, output: Path) -> None:
     """Move the complete staging directory to `output`, replacing an existing one only after success."""
+    # mkdtemp (and the safetensors writer) create private 0700/0600 entries; give the result the usual modes
+    umask = _current_umask()
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
     if not output.exists():
         os.replace(staging, output)
         return
@@ -896,7 +913,7 @@ def convert_checkpoint(
         logger.info("writing %s (staging in %s)", output, staging.name)
         model.save_pretrained(staging)
         del model, converted
-        save_processor(staging, config.vision_config.image_size)
+        save_processor(staging, config)
         report = None
         if verify:
             report = verify_conversion(state, config, staging)

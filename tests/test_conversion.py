@@ -137,6 +137,16 @@ def original_config_json(dims, **changes):
     return config
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models here are all small ops, which a second thread only slows down (much more so when
+    another process shares the two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def strip(state, prefix="module."):
     return {key.removeprefix(prefix): value for key, value in state.items()}
 
@@ -210,6 +220,9 @@ def test_tiny_checkpoints_convert_load_and_match_the_reference(tmp_path, dims):
     assert result.verification.image < conv.VERIFY_TOLERANCE
     assert result.verification.text < conv.VERIFY_TOLERANCE
     assert {p.name for p in tmp_path.iterdir()} == {"model_31.pt", "out"}  # no staging leftovers
+    umask = conv._current_umask()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
     model = AutoModel.from_pretrained(tmp_path / "out")
     assert isinstance(model, RWKVCLIPModel)
@@ -242,27 +255,31 @@ def test_tiny_checkpoints_convert_load_and_match_the_reference(tmp_path, dims):
     torch.testing.assert_close(text, original_reference.text_embeddings(plain, ids), rtol=1e-5, atol=1e-6)
 
 
-def test_cli_script_bfloat16_with_config_and_card(tmp_path, tiny_checkpoint):
-    checkpoint, _ = tiny_checkpoint
-    (tmp_path / "cfg.json").write_text(json.dumps(original_config_json(TINY_B32, ctx_len=20, head_size_divisor=4)))
+def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_path):
+    """Script run as a file, with the authors' config; then AutoProcessor + AutoModel on a real image and
+    captions against the reference fed with the original's own preprocessing (tests/reference_tokenizer.py,
+    tests/test_image_processing.py)."""
+    from huggingface_hub import ModelCard
+    from reference_tokenizer import ReferenceTokenizer
+    from test_image_processing import random_image, reference_pixels
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    dims = {**TINY_B32, "vocab": 49408}  # the real vocabulary, so that the bundled tokenizer fits
+    original = strip(synthetic_original(dims, seed=2))
+    torch.save(original, tmp_path / "model_31.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(original_config_json(dims, head_size_divisor=4)))
     output = tmp_path / "RWKV-CLIP-B32-YFCC15M"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, str(CONVERSION_DIR / "convert_rwkv_clip_original.py"), "--checkpoint", str(checkpoint),
-        "--output", str(output), "--config", str(tmp_path / "cfg.json"), "--dtype", "bfloat16", "--verify",
+        sys.executable, str(CONVERSION_DIR / "convert_rwkv_clip_original.py"), "--checkpoint",
+        str(tmp_path / "model_31.pt"), "--output", str(output), "--config", str(tmp_path / "cfg.json"), "--verify",
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "image embeddings max relative difference" in run.stdout
     assert "loading" in run.stderr and "verify" in run.stderr  # progress
-
-    with safe_open(output / "model.safetensors", "pt") as f:
-        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}
     config = json.loads((output / "config.json").read_text())
-    assert config["text_config"]["max_position_embeddings"] == 20
     assert config["text_config"]["group_norm_eps"] == pytest.approx(1e-5 * 4**2)
-
-    from huggingface_hub import ModelCard
 
     card = ModelCard.load(output / "README.md")
     assert card.data.library_name == "transformers"
@@ -270,7 +287,38 @@ def test_cli_script_bfloat16_with_config_and_card(tmp_path, tiny_checkpoint):
     assert card.data.license == "mit"
     assert card.data.datasets == [conv.KNOWN_TRAINING_DATA["YFCC15M"]["hub_id"]]  # from the output name
     assert "https://arxiv.org/abs/2406.06973" in card.text
-    assert 'AutoModel.from_pretrained(repo, trust_remote_code=True)' in card.text
+    assert "AutoProcessor.from_pretrained(repo)" in card.text
+
+    processor = AutoProcessor.from_pretrained(output)
+    model = AutoModel.from_pretrained(output).double()
+    image = random_image(45, 37, "RGB", seed=4)
+    captions = ["a photo of a cat", "A RED double-decker bus &amp; more"]
+    inputs = processor(text=captions, images=image, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image_embeds = model.get_image_features(inputs["pixel_values"]).pooler_output
+        text_embeds = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+    size = dims["patch"] * dims["grid"]
+    reference_tokenizer = ReferenceTokenizer(ROOT / "src" / "rwkv_clip_hf" / "data" / "bpe_simple_vocab_16e6.txt.gz")
+    ids = torch.tensor([reference_tokenizer(caption) for caption in captions])
+    expected_image = original_reference.image_embeddings(original, reference_pixels(image, size)[None])
+    expected_text = original_reference.text_embeddings(original, ids, head_size_divisor=4)
+    torch.testing.assert_close(image_embeds, expected_image, rtol=1e-5, atol=1e-5)  # float32-stored weights
+    torch.testing.assert_close(text_embeds, expected_text, rtol=1e-5, atol=1e-5)
+
+    classifier = pipeline("zero-shot-image-classification", model=str(output))
+    scores = {entry["label"]: entry["score"] for entry in classifier(image, candidate_labels=["cat", "bus"])}
+    assert scores.keys() == {"cat", "bus"} and sum(scores.values()) == pytest.approx(1.0)
+
+
+def test_bfloat16_output(tmp_path, tiny_checkpoint):
+    checkpoint, _ = tiny_checkpoint
+    result = conv.convert_checkpoint(checkpoint, tmp_path / "out", dtype="bfloat16", verify=True)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}
+    report = result.verification
+    assert report.passed and report.stored_dtype == "bfloat16"
+    # the stored bf16 weights themselves are ~3 significant digits: visible, bounded
+    assert 1e-4 < max(report.stored_image, report.stored_text) < 0.2
 
 
 def test_card_of_a_released_architecture_lists_the_published_results():
@@ -432,7 +480,7 @@ def test_key_errors_name_the_keys(tmp_path, edit, message):
 def test_interrupted_write_leaves_no_output(tmp_path, tiny_checkpoint, monkeypatch):
     checkpoint, _ = tiny_checkpoint
 
-    def fail(directory, image_size):
+    def fail(directory, config):
         assert (Path(directory) / "model.safetensors").is_file()  # really mid-write
         raise KeyboardInterrupt
 
