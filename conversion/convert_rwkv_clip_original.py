@@ -336,7 +336,8 @@ def check_original_config(original: dict, vision: dict, text: dict) -> tuple[dic
         text_extra["head_size_divisor"] = int(original["head_size_divisor"])
     if "drop_path_rate" in original:
         vision_extra["drop_path_rate"] = float(original["drop_path_rate"])
-    known = set(_CHECKED_FIELDS) | set(_MUST_BE_OFF) | _TRAINING_ONLY | {"ctx_len", "head_size_divisor", "drop_path_rate"}
+    used = {"ctx_len", "head_size_divisor", "drop_path_rate"}
+    known = set(_CHECKED_FIELDS) | set(_MUST_BE_OFF) | _TRAINING_ONLY | used
     unknown = sorted(set(original) - known)
     if unknown:
         logger.warning("ignoring original config fields this converter does not know: %s", ", ".join(unknown))
@@ -420,7 +421,9 @@ def check_layout(state: dict[str, torch.Tensor], config: RWKVCLIPConfig) -> None
         for key in expected
         if key in state and tuple(state[key].shape) != expected[key]
     ]
-    not_float = [f"{key} ({state[key].dtype})" for key in expected if key in state and not state[key].is_floating_point()]
+    not_float = [
+        f"{key} ({state[key].dtype})" for key in expected if key in state and not state[key].is_floating_point()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_preview(missing)}")
@@ -571,7 +574,8 @@ class VerificationReport:
 
     def lines(self) -> list[str]:
         return [
-            f"verify: image embeddings max relative difference {self.image:.3e} (float64, tolerance {self.tolerance:g})",
+            f"verify: image embeddings max relative difference {self.image:.3e} "
+            f"(float64, tolerance {self.tolerance:g})",
             f"verify: text embeddings max relative difference {self.text:.3e} (float64, tolerance {self.tolerance:g})",
             f"verify: the stored {self.stored_dtype} weights, run in float64: image {self.stored_image:.3e}, "
             f"text {self.stored_text:.3e} (rounding of the stored dtype; informational)",
@@ -589,9 +593,10 @@ def verification_inputs(config: RWKVCLIPConfig, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     vision, text = config.vision_config, config.text_config
     size, patch = vision.image_size, vision.patch_size
+    odd_size = (size + patch // 2 + 1, size - patch + 3)
     images = [
         torch.randn(2, vision.num_channels, size, size, generator=generator, dtype=torch.float64),
-        torch.randn(1, vision.num_channels, size + patch // 2 + 1, size - patch + 3, generator=generator, dtype=torch.float64),
+        torch.randn(1, vision.num_channels, *odd_size, generator=generator, dtype=torch.float64),
     ]
     ctx = text.max_position_embeddings
     bos, eos = text.bos_token_id, text.eos_token_id
@@ -669,7 +674,9 @@ def verify_conversion(
     stored_state = stored.state_dict()
     if stored_state.keys() != converted64.keys():
         raise VerificationError(f"{output_dir} holds other parameters than the conversion")
-    differing = [key for key, value in stored_state.items() if not torch.equal(value, converted64[key].to(value.dtype))]
+    differing = [
+        key for key, value in stored_state.items() if not torch.equal(value, converted64[key].to(value.dtype))
+    ]
     if differing:
         raise VerificationError(f"stored tensors differ from the conversion: {_preview(differing)}")
     steps.update()
@@ -960,7 +967,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", required=True, help="original torch.save state dict, e.g. model_31.pt")
     parser.add_argument("--output", required=True, help="directory to create")
-    parser.add_argument("--config", help="the authors' model_config JSON (e.g. RWKV_CLIP_B32.json); checked against the tensors")
+    parser.add_argument(
+        "--config", help="the authors' model_config JSON (e.g. RWKV_CLIP_B32.json); checked against the tensors"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--verify", action="store_true", help="compare with the original-key float64 reference")

@@ -68,7 +68,8 @@ def original_entries(dims):
             (f"{prefix}.att.time_decay_w2", (dims["decay_rank"], d), "f32", "in0"),
             (f"{prefix}.att.time_faaaa", (heads, d // heads), low, "bonus"),
         ]
-        out += [(f"{prefix}.att.{n}.weight", (d, d), "f32", "linear") for n in ("receptance", "key", "value", "gate", "output")]
+        linears = ("receptance", "key", "value", "gate", "output")
+        out += [(f"{prefix}.att.{n}.weight", (d, d), "f32", "linear") for n in linears]
         out += [(f"{prefix}.att.ln_x.weight", (d,), "f32", "norm"), (f"{prefix}.att.ln_x.bias", (d,), "f32", "bias")]
         out += [(f"{prefix}.ffn.{n}", (1, 1, d), "f32", "mix") for n in mix_params]
         out += [
@@ -79,11 +80,13 @@ def original_entries(dims):
         return out
 
     for i in range(dims["img_depth"]):
-        entries += block(f"image_model.layers.{i}", i, dims["img_heads"], dims["img_ffn"], ("spatial_mix_k", "spatial_mix_r"), False)
+        mix = ("spatial_mix_k", "spatial_mix_r")
+        entries += block(f"image_model.layers.{i}", i, dims["img_heads"], dims["img_ffn"], mix, False)
     entries += [("image_model.ln1.weight", (d,), "f32", "norm"), ("image_model.ln1.bias", (d,), "f32", "bias")]
     entries.append(("text_model.emb.weight", (dims["vocab"], d), "f32", "emb"))
     for i in range(dims["txt_depth"]):
-        entries += block(f"text_model.blocks.{i}", i, dims["txt_heads"], dims["txt_ffn"], ("time_maa_k", "time_maa_r"), True)
+        mix = ("time_maa_k", "time_maa_r")
+        entries += block(f"text_model.blocks.{i}", i, dims["txt_heads"], dims["txt_ffn"], mix, True)
     entries += [("text_model.ln_out.weight", (d,), "f32", "norm"), ("text_model.ln_out.bias", (d,), "f32", "bias")]
     entries.append(("logit_scale", (), "f32", "scale"))
     return entries
@@ -107,7 +110,8 @@ def synthetic_original(dims, prefix="module.", seed=0, device="cpu"):
             "bias": lambda: 0.1 * r,
             "pos": lambda: 0.5 * r,
             "norm": lambda: 1.0 + 0.2 * r,
-            "mix": lambda: torch.rand(shape, generator=g, dtype=torch.float64),  # full float32 mantissa, like trained values
+            # full float32 mantissas, like trained values (float32 rand gives multiples of 2^-24)
+            "mix": lambda: torch.rand(shape, generator=g, dtype=torch.float64),
             "in0": lambda: r / math.sqrt(shape[0]),
             "in1": lambda: r / math.sqrt(shape[1]),
             "linear": lambda: r / math.sqrt(shape[-1]),
@@ -183,7 +187,8 @@ def read_key_listing():
 
 def test_synthetic_checkpoints_have_the_released_b32_layout():
     listing = read_key_listing()
-    synthetic = {key: (shape, {"f32": "float32", "bf16": "bfloat16"}[dtype]) for key, shape, dtype, _ in original_entries(B32)}
+    names = {"f32": "float32", "bf16": "bfloat16"}
+    synthetic = {key: (shape, names[dtype]) for key, shape, dtype, _ in original_entries(B32)}
     assert synthetic == listing
     assert sum(math.prod(shape) for shape, _ in listing.values()) == pytest.approx(149.56e6, rel=1e-3)  # paper Table 8
 
@@ -456,7 +461,10 @@ def _edited_checkpoint(path, edit):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda s: s.pop("module.text_model.blocks.1.att.gate.weight"), r"missing keys: text_model\.blocks\.1\.att\.gate\.weight"),
+        (
+            lambda s: s.pop("module.text_model.blocks.1.att.gate.weight"),
+            r"missing keys: text_model\.blocks\.1\.att\.gate\.weight",
+        ),
         (
             lambda s: s.update({"module.image_model.layers.0.att.extra": torch.zeros(3)}),
             r"unexpected keys: image_model\.layers\.0\.att\.extra",
