@@ -136,3 +136,12 @@ def test_rejects_non_text(tokenizer):
         tokenizer(123)
     with pytest.raises((ValueError, TypeError)):
         tokenizer([b"bytes"])
+
+
+def test_decode_drops_padding_but_keeps_real_exclamation_marks(tokenizer):
+    # id 0 is both the pad id and the text symbol "!" (as in "hi!~"): padding is recognised by position
+    texts = ["hi!~ there", "!$", "x"]
+    for side in ("right", "left"):
+        batch = tokenizer(texts, padding="max_length", max_length=12, padding_side=side)["input_ids"]
+        assert any(0 in row[1:-1] for row in tokenizer(texts)["input_ids"])  # a real id 0 is present
+        assert tokenizer.batch_decode(batch, skip_special_tokens=True) == ["hi !~ there", "!$", "x"]

@@ -154,6 +154,25 @@ class RWKVCLIPTokenizer(TokenizersBackend):
             padding=padding, truncation=truncation, max_length=max_length, **kwargs
         )
 
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        # The pad id 0 is also the text symbol "!", so padding is recognised by position (before the start
+        # token, after the last end token) rather than by id, which would drop real exclamation marks.
+        if isinstance(token_ids, dict):
+            token_ids = token_ids["input_ids"]
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if skip_special_tokens:
+            ids = [int(i) for i in token_ids]
+            start = ids.index(self.bos_token_id) if self.bos_token_id in ids else 0
+            end = len(ids) - ids[::-1].index(self.eos_token_id) if self.eos_token_id in ids else len(ids)
+            if any(i != self.pad_token_id for i in ids[:start]):
+                start = 0
+            if any(i != self.pad_token_id for i in ids[end:]):
+                end = len(ids)
+            specials = {self.bos_token_id, self.eos_token_id}
+            token_ids = [i for i in ids[start:end] if i not in specials]
+        return super()._decode(token_ids, skip_special_tokens=False, **kwargs)
+
     def _encode_plus(self, text, text_pair=None, *args, is_split_into_words: bool = False, **kwargs):
         if isinstance(text, (list, tuple)) and len(text) == 0:
             # transformers fails with an IndexError here; the zero-shot pipeline passes its labels straight in
