@@ -236,3 +236,27 @@ def test_string_lists_from_files(tmp_path):
     assert read_string_list(["a {}.", "b {}."], "--templates") == ["a {}.", "b {}."]
     with pytest.raises(ValueError, match="without the key 'pets'"):
         read_string_list([str(tmp_path / "t.json")], "--templates", "pets")
+
+
+def test_cache_key_covers_model_files_and_processor(tmp_path):
+    import os
+
+    from rwkv_clip_hf.evaluation import model_fingerprint
+
+    path = save_classification_dataset(tmp_path / "d", LABELS, CLASSNAMES)
+    data = load_eval_dataset(path, "test")
+    extractor, model = stub_extractor(tmp_path)
+    extractor.image_features(data, "image")
+    extractor.processor.image_processor.to_dict = lambda: {"stub": True, "crop_size": 8}
+    extractor.image_features(data, "image")
+    assert model.image_calls == 2 * 3  # a processor with another config is another entry
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"1")
+    before = model_fingerprint(model, source=str(model_dir), dtype="float32")
+    assert before == model_fingerprint(model, source=str(model_dir), dtype="float32")
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))  # new weights written in place
+    assert model_fingerprint(model, source=str(model_dir), dtype="float32") != before
+    assert model_fingerprint(model, source=str(model_dir), dtype="bfloat16") != before

@@ -84,7 +84,7 @@ def model_fingerprint(
     model, *, source: str | None = None, revision: str | None = None, dtype: str | None = None
 ) -> dict:
     """What identifies a model's features: for a local directory, its path and the size and mtime of its
-    config/weight/processor files; for a Hub id, the id, the revision and the resolved commit.
+    config/weight/processor files; for a Hub id, the id, the revision and the commit of the cached snapshot.
     """
     source = source or getattr(model, "name_or_path", None) or type(model).__name__
     fingerprint: dict[str, Any] = {"class": type(model).__name__, "dtype": dtype}
@@ -97,9 +97,20 @@ def model_fingerprint(
             if p.is_file() and p.suffix in _FINGERPRINTED_SUFFIXES
         )
     else:
-        config = getattr(model, "config", None)
-        fingerprint.update(name_or_path=source, revision=revision, commit=getattr(config, "_commit_hash", None))
+        fingerprint.update(name_or_path=source, revision=revision, commit=_hub_commit(source, revision))
     return fingerprint
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of the locally cached snapshot of a Hub model (the Hub cache stores files under
+    `snapshots/<commit>/`), so that a new upload of the same id gets new cache entries."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id the Hub client rejects: no snapshot to name
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def _image_processor_config(processor) -> dict:
