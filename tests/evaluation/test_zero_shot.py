@@ -260,3 +260,31 @@ def test_cache_key_covers_model_files_and_processor(tmp_path):
     os.utime(model_dir / "model.safetensors", ns=(1, 1))  # new weights written in place
     assert model_fingerprint(model, source=str(model_dir), dtype="float32") != before
     assert model_fingerprint(model, source=str(model_dir), dtype="bfloat16") != before
+
+
+def test_bundled_names_follow_the_dataset_label_order(tmp_path):
+    templates, classnames = bundled_zero_shot_data()
+    names = classnames["cifar10"]
+    permutation = [3, 0, 9, 1, 8, 2, 7, 4, 6, 5]  # label id -> bundled index in this dataset copy
+    prompts = [t.format(n) for n in names for t in templates["cifar10"]]
+    directions = np.random.default_rng(1).standard_normal((10, 16))
+    features = {p: directions[i // len(templates["cifar10"])] for i, p in enumerate(prompts)}
+    # Image i shows bundled class permutation[label] with label = i % 10.
+    images = [(i % 10, directions[permutation[i % 10]]) for i in range(20)]
+    label_names = [names[j].replace(" ", "_").upper() for j in permutation]
+    path = save_classification_dataset(tmp_path / "cifar10", [label for label, _ in images], label_names)
+    extractor, _ = stub_extractor(tmp_path, prompt_features=features, images=images)
+    result = evaluate_zero_shot(extractor, load_eval_dataset(path, "test"))
+    assert result["classnames"] == [names[j] for j in permutation]
+    assert result["classnames_source"] == "bundled:cifar10 (reordered to the labels)"
+    assert result["top1"] == 1.0
+
+
+def test_alignment_leaves_unmatched_names_alone():
+    from rwkv_clip_hf.evaluation.zero_shot import align_to_label_order
+
+    assert align_to_label_order(["cat", "dog"], ["dog", "cat"]) == ["dog", "cat"]
+    assert align_to_label_order(["cat", "dog"], ["0", "1"]) == ["cat", "dog"]
+    assert align_to_label_order([["happy", "smiling"], ["sad"]], ["sad", "smiling"]) == [["sad"], ["happy", "smiling"]]
+    names = ["cat", "dog"]
+    assert align_to_label_order(names, ["cat", "dog"]) is names

@@ -136,6 +136,26 @@ def read_string_list(values: Sequence[str] | str | None, what: str, benchmark: s
     return list(values)
 
 
+def align_to_label_order(classnames: Sequence, label_names: Sequence[str]) -> Sequence:
+    """`classnames` permuted to the order of a dataset's label names when both name the same classes in another
+    order (compared lower-case, alphanumerics only; a synonym list matches on any of its names); otherwise
+    `classnames` itself.
+
+    The bundled lists follow the label order of the datasets the original evaluated on; a Hub copy may number
+    its classes differently (e.g. alphabetically), which would silently scramble the classifier.
+    """
+    keys = [{_normalise(n) for n in ([c] if isinstance(c, str) else c)} for c in classnames]
+    order = []
+    for name in label_names:
+        matches = [i for i, names in enumerate(keys) if _normalise(name) in names]
+        if len(matches) != 1:
+            return classnames
+        order.append(matches[0])
+    if sorted(order) != list(range(len(classnames))) or order == list(range(len(classnames))):
+        return classnames
+    return [classnames[i] for i in order]
+
+
 def build_classifier(
     encode_texts: Callable[[list[str], str], torch.Tensor], classnames: Sequence, templates: Sequence[str]
 ) -> torch.Tensor:
@@ -261,6 +281,11 @@ def evaluate_zero_shot(
             f"{len(classnames)} class names ({classnames_source}) but --label-column {label_column!r} of "
             f"{data.describe()} has {len(dataset_names)} classes; pass matching --classnames or --benchmark"
         )
+    if dataset_names is not None and classnames_source.startswith("bundled"):
+        aligned = align_to_label_order(classnames, dataset_names)
+        if aligned is not classnames:
+            logger.info("%s: bundled class names reordered to the dataset's label order", data.describe())
+            classnames, classnames_source = aligned, classnames_source + " (reordered to the labels)"
     if labels.max() >= len(classnames):
         raise ValueError(
             f"--label-column {label_column!r} of {data.describe()} holds label {labels.max()} but there are only "
