@@ -1,0 +1,258 @@
+"""`rwkv-clip-eval`: the paper's evaluation protocols on any `datasets` dataset, for any CLIP-API model.
+
+    rwkv-clip-eval zero-shot    --model DIR_OR_HUB_ID --dataset uoft-cs/cifar10 --image-column img
+    rwkv-clip-eval retrieval    --model DIR_OR_HUB_ID --dataset nlphuji/flickr_1k_test_image_text_retrieval
+    rwkv-clip-eval linear-probe --model DIR_OR_HUB_ID --dataset uoft-cs/cifar10 --image-column img
+
+Each run writes `<output-dir>/<name>.json` and `<name>.md` and prints the markdown table. Image and text
+features are cached (see --cache-dir), so a second run with the same model, data and processor skips the
+encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from .data import labels_as_ints, load_eval_dataset, require_column
+from .features import (
+    DTYPES,
+    FeatureCache,
+    FeatureExtractor,
+    default_cache_dir,
+    load_model_and_processor,
+    model_fingerprint,
+)
+from .report import plot_per_class_accuracy, plot_similarity_heatmap, results_markdown, write_report
+
+
+logger = logging.getLogger("rwkv_clip_hf.evaluation")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", required=True, help="a local directory or a Hub id (RWKV-CLIP, transformers CLIPModel, ...)"
+    )
+    model.add_argument("--revision", default=None, help="Hub revision of --model")
+    model.add_argument("--trust-remote-code", action="store_true")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    model.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    model.add_argument("--batch-size", type=int, default=64, help="images per batch (texts: 4x)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        required=True,
+        help="Hub dataset id, a save_to_disk directory, an imagefolder / parquet directory, or one file",
+    )
+    data.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    data.add_argument("--dataset-revision", default=None)
+    data.add_argument("--split", default="test", help="the evaluated split (default: test)")
+    data.add_argument("--max-samples", type=int, default=None, help="evaluate a seeded random subset of this size")
+    data.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep rows whose COLUMN equals VALUE (repeatable)",
+    )
+    data.add_argument("--seed", type=int, default=0, help="seed of --max-samples and of the linear probe")
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--datasets-cache-dir", default=None, help="cache directory of `datasets`")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default="eval_results")
+    output.add_argument("--name", default=None, help="file name stem of the results (default: from the arguments)")
+    output.add_argument("--plots", action="store_true", help="also write PNG plots (needs matplotlib)")
+    output.add_argument("--cache-dir", default=None, help=f"feature cache (default: {default_cache_dir()})")
+    output.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `rwkv-clip-eval`."""
+    parser = argparse.ArgumentParser(
+        prog="rwkv-clip-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="protocol", required=True)
+
+    zero_shot = commands.add_parser("zero-shot", help="zero-shot classification with prompt templates")
+    _common(zero_shot)
+    zero_shot.add_argument("--label-column", default="label")
+    zero_shot.add_argument(
+        "--benchmark",
+        default=None,
+        help="key of the bundled templates/class names (cifar10, imagenet, pets, ...); "
+        "default: inferred from --dataset",
+    )
+    zero_shot.add_argument(
+        "--classnames",
+        nargs="+",
+        default=None,
+        help="a JSON file (a list, or a dict keyed by benchmark), a text file (one per line), or the names",
+    )
+    zero_shot.add_argument(
+        "--templates",
+        nargs="+",
+        default=None,
+        help="a JSON file, a text file, or the templates themselves, each with one '{}'",
+    )
+    zero_shot.add_argument(
+        "--metric",
+        default="auto",
+        choices=["auto", "top1", "mean_per_class"],
+        help="auto: mean per-class accuracy for caltech101/aircraft/flowers/pets, else top-1",
+    )
+
+    retrieval = commands.add_parser("retrieval", help="image-text retrieval recall@1/5/10")
+    _common(retrieval)
+    retrieval.add_argument("--caption-column", default="caption", help="a caption or a list of captions per image")
+
+    probe = commands.add_parser("linear-probe", help="logistic regression on frozen image features")
+    _common(probe)
+    probe.add_argument("--label-column", default="label")
+    probe.add_argument("--train-split", default="train")
+    probe.add_argument("--val-split", default=None, help="choose C on this split (default: hold out part of train)")
+    probe.add_argument("--val-fraction", type=float, default=0.2)
+    probe.add_argument("--max-train-samples", type=int, default=None, help="subset of train (and of --val-split)")
+    probe.add_argument(
+        "--c-values",
+        type=float,
+        nargs="+",
+        default=None,
+        help="grid of C values (default: CLIP's search over 1e-6 .. 1e6)",
+    )
+    probe.add_argument("--max-iter", type=int, default=1000)
+    return parser
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).rstrip("/").split("/")[-1]).strip("-") or "x"
+
+
+def _load(args, split: str | None, max_samples: int | None):
+    return load_eval_dataset(
+        args.dataset,
+        split,
+        config_name=args.dataset_config,
+        revision=args.dataset_revision,
+        max_samples=max_samples,
+        filters=args.filter,
+        seed=args.seed,
+        cache_dir=args.datasets_cache_dir,
+    )
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse `argv`, run the protocol, write the reports. Returns the result dict (also written as JSON)."""
+    from .linear_probe import linear_probe
+    from .retrieval import evaluate_retrieval
+    from .zero_shot import evaluate_zero_shot, read_string_list, resolve_benchmark
+
+    args = build_parser().parse_args(argv)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    # The data first: a wrong split or column should fail before the model is loaded.
+    splits = {"test": _load(args, args.split, args.max_samples)}
+    if args.protocol == "linear-probe":
+        splits["train"] = _load(args, args.train_split, args.max_train_samples)
+        if args.val_split:
+            splits["val"] = _load(args, args.val_split, args.max_train_samples)
+        if splits["train"].fingerprint == splits["test"].fingerprint:
+            raise ValueError(
+                f"--train-split {args.train_split!r} and --split {args.split!r} are the same rows of {args.dataset}"
+            )
+        labels = {part: labels_as_ints(d.dataset, args.label_column, d.source) for part, d in splits.items()}
+    for data in splits.values():
+        require_column(data.dataset, args.image_column, "--image-column", data.source)
+
+    model, processor = load_model_and_processor(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    cache = FeatureCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
+    model_key = model_fingerprint(model, source=args.model, revision=args.revision, dtype=args.dtype)
+    extractor = FeatureExtractor(model, processor, model_key, cache, args.batch_size)
+    name = args.name or "_".join(_slug(p) for p in (args.protocol, args.model, args.dataset, args.split))
+    output_dir = Path(args.output_dir)
+    title = f"{_slug(args.model)} on {_slug(args.dataset)}"
+    plots = {}
+    data = splits["test"]
+
+    if args.protocol == "zero-shot":
+        benchmark = resolve_benchmark(args.benchmark or args.dataset) or args.benchmark
+        result = evaluate_zero_shot(
+            extractor,
+            data,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            benchmark=benchmark,
+            classnames=read_string_list(args.classnames, "--classnames", benchmark),
+            templates=read_string_list(args.templates, "--templates", benchmark),
+            metric=args.metric,
+        )
+        if args.plots:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            plots["per_class_accuracy"] = plot_per_class_accuracy(
+                result["per_class_accuracy"], result["classnames"], output_dir / f"{name}_per_class.png", title
+            )
+    elif args.protocol == "retrieval":
+        result, similarity, owner = evaluate_retrieval(
+            extractor, data, image_column=args.image_column, caption_column=args.caption_column
+        )
+        if args.plots:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            plots["similarity"] = plot_similarity_heatmap(
+                similarity.numpy(), owner, output_dir / f"{name}_similarity.png", title=title
+            )
+    else:
+        features = {part: extractor.image_features(d, args.image_column).numpy() for part, d in splits.items()}
+        result = linear_probe(
+            features["train"],
+            labels["train"],
+            features["test"],
+            labels["test"],
+            val_features=features.get("val"),
+            val_labels=labels.get("val"),
+            val_fraction=args.val_fraction,
+            c_values=args.c_values,
+            max_iter=args.max_iter,
+            seed=args.seed,
+        )
+
+    result = {
+        **result,
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": data.source.get("split"),
+        "data": data.source,
+        "arguments": vars(args),
+    }
+    written = write_report(result, output_dir, name)
+    result["files"] = {k: str(v) for k, v in {**written, **plots}.items() if v is not None}
+    print(results_markdown(result))
+    logger.info("results written to %s", ", ".join(result["files"].values()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of `rwkv-clip-eval`; returns the exit status."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rwkv_clip_hf").setLevel(logging.INFO)
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
