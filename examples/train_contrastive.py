@@ -1,0 +1,186 @@
+"""Contrastive training / fine-tuning of RWKV-CLIP with `transformers.Trainer`.
+
+Quick run on CPU (a generated shapes dataset, a tiny model, a few minutes):
+
+    python examples/train_contrastive.py --output_dir runs/tiny --generate_shapes 2000 \
+        --config_name tiny --num_train_epochs 3 --per_device_train_batch_size 64
+
+Fine-tune a converted checkpoint on your own data (image column + one or more caption columns; with several,
+each sample uses one of them per step, uniformly unless --caption_probabilities says otherwise, as the paper
+does with raw text / synthetic caption / generated description):
+
+    python examples/train_contrastive.py --output_dir runs/ft --model_name_or_path path/to/rwkv-clip-b32 \
+        --dataset_name my/dataset --image_column image --caption_columns raw_text caption description \
+        --learning_rate 1e-5 --per_device_train_batch_size 128 --bf16
+
+Several processes (the contrastive loss is then over the global batch of all ranks):
+
+    torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+    accelerate launch --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+
+Defaults follow the paper's recipe (AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, lr 1e-3, 10 %
+warmup then cosine, gradient clipping 1.0); every `TrainingArguments` flag can override them. The model and
+its processor are saved to --output_dir at the end.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+
+import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
+from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.shapes import make_shapes_dataset
+from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform, RWKVCLIPTrainer
+
+
+logger = logging.getLogger(__name__)
+
+# A small architecture for CPU runs (the bundled default model's family): 2 + 2 blocks of width 128.
+TINY_CONFIG = {
+    "text_config": {"hidden_size": 128, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
+                    "mix_lora_rank": 8, "decay_lora_rank": 16},
+    "vision_config": {"hidden_size": 128, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
+                      "mix_lora_rank": 8, "decay_lora_rank": 16, "image_size": 64, "patch_size": 8,
+                      "drop_path_rate": 0.0},
+}
+
+# The paper's recipe (ARCHITECTURE.md §9), as defaults of the TrainingArguments flags.
+PAPER_DEFAULTS = dict(
+    learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, weight_decay=0.2,
+    lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0, remove_unused_columns=False,
+    logging_steps=10, save_strategy="epoch", save_total_limit=2, report_to="none",
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved RWKV-CLIP directory or Hub id to fine-tune."}
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch: 'tiny', a preset ('B/32', 'B/16') or a config.json path."},
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "JSON merged into the config, e.g. '{\"vision_config\": {\"image_size\": 96}}'."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path of a datasets dataset."})
+    dataset_config_name: str | None = field(default=None)
+    train_split: str = field(default="train")
+    generate_shapes: int | None = field(
+        default=None, metadata={"help": "Instead of --dataset_name: generate this many captioned shape images."}
+    )
+    image_column: str = field(default="image")
+    caption_columns: list[str] = field(default_factory=lambda: ["caption"])
+    caption_probabilities: list[float] | None = field(default=None)
+    validation_fraction: float = field(default=0.05, metadata={"help": "Held out for evaluation (0 disables)."})
+    max_train_samples: int | None = field(default=None)
+
+
+def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
+    if model_args.model_name_or_path:
+        return AutoModel.from_pretrained(model_args.model_name_or_path)
+    name = model_args.config_name or "tiny"
+    if name == "tiny":
+        config = RWKVCLIPConfig(**json.loads(json.dumps(TINY_CONFIG)))
+    elif name.endswith(".json") or os.path.isdir(name):
+        config = RWKVCLIPConfig.from_pretrained(name)
+    else:
+        config = RWKVCLIPConfig.from_preset(name)
+    if model_args.config_overrides:
+        overrides = json.loads(model_args.config_overrides)
+        merged = config.to_dict()
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key].update(value)
+            else:
+                merged[key] = value
+        config = RWKVCLIPConfig.from_dict(merged)
+    return RWKVCLIPModel(config)
+
+
+def load_data(data_args: DataArguments, image_size: int, seed: int):
+    if data_args.generate_shapes:
+        dataset = make_shapes_dataset(data_args.generate_shapes, seed=seed, image_size=max(image_size, 64))
+    elif data_args.dataset_name:
+        if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):
+            dataset = datasets.load_from_disk(data_args.dataset_name)
+        else:
+            dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[data_args.train_split]
+    else:
+        raise SystemExit("give --dataset_name or --generate_shapes N")
+    missing = [c for c in [data_args.image_column, *data_args.caption_columns] if c not in dataset.column_names]
+    if missing:
+        raise SystemExit(f"columns {missing} not in the dataset (it has {dataset.column_names})")
+    if data_args.max_train_samples:
+        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    if data_args.validation_fraction > 0:
+        split = dataset.train_test_split(test_size=data_args.validation_fraction, seed=seed)
+        return split["train"], split["test"]
+    return dataset, None
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.set_defaults(**PAPER_DEFAULTS)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    model = build_model(model_args)
+    image_size = model.config.vision_config.image_size
+    if model_args.model_name_or_path:
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        processor = RWKVCLIPProcessor.from_bundled(
+            image_size=image_size, context_length=model.config.text_config.max_position_embeddings
+        )
+    logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    train, validation = load_data(data_args, image_size, training_args.seed)
+    transform = ContrastiveTransform(
+        processor, data_args.image_column, data_args.caption_columns, data_args.caption_probabilities,
+        seed=training_args.seed,
+    )
+    train.set_transform(transform)
+    if validation is not None:
+        # evaluation always sees the first caption column, so the validation loss is comparable across runs
+        validation.set_transform(ContrastiveTransform(processor, data_args.image_column, data_args.caption_columns[:1]))
+    if training_args.eval_strategy == "no" and validation is not None:
+        training_args.eval_strategy = training_args.save_strategy
+
+    trainer = RWKVCLIPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=ContrastiveCollator(processor.tokenizer),
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    if validation is not None:
+        trainer.log_metrics("eval", trainer.evaluate())
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        logger.info("saved model and processor to %s (logit scale %.3f)", training_args.output_dir,
+                    torch.exp(model.logit_scale).item())
+
+
+if __name__ == "__main__":
+    main()
