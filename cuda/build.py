@@ -31,7 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 KERNEL_DIR = Path(__file__).resolve().parent
 CPU_FLAGS = ["-O3", "-fopenmp", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
-CUDA_FLAGS = ["-O3", "-lineinfo", "-DBI_WKV_WITH_CUDA"]
+CUDA_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DBI_WKV_WITH_CUDA"]
 
 
 def read_config() -> dict:
@@ -157,11 +157,20 @@ def cuda_compile_only(config: dict, out_root: Path) -> None:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     gencode = []
     for cap in cuda_capabilities(config):
-        num = cap.replace(".", "")
+        num = cap.removesuffix("+PTX").replace(".", "")
         gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if cap.endswith("+PTX"):  # also embed PTX, JIT-compiled on newer GPUs
+            gencode += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(__import__('torch').compiled_with_cxx11_abi())}"
     obj_dir = out_root / ".obj" / "cuda-compile-only"
     obj_dir.mkdir(parents=True, exist_ok=True)
+    # a CPU build of torch ships the c10/cuda headers without this generated one; its CUDA builds define it so
+    generated = "c10/cuda/impl/cuda_cmake_macros.h"
+    if not any((Path(p) / generated).exists() for p in cpp_extension.include_paths()):
+        stub = obj_dir / "stub-include" / generated
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(f"-I{obj_dir / 'stub-include'}")
     for source in sources_for(config, "cuda"):
         if source.suffix != ".cu":
             continue
