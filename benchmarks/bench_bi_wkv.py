@@ -65,7 +65,10 @@ def fwd_bwd(fn, xs):
 def bench_cpu(batch, repeats):
     kernel = load_kernel("cpu")
     print(f"CPU, {torch.get_num_threads()} threads, batch {batch}: kernel vs PyTorch chunked path")
-    print(f"{'width':16} {'T':>5} | {'fwd torch':>10} {'fwd kernel':>10} {'x':>6} | {'f+b torch':>10} {'f+b kernel':>10} {'x':>6}")
+    print(
+        f"{'width':16} {'T':>5} | {'fwd torch':>10} {'fwd kernel':>10} {'x':>6} | "
+        f"{'f+b torch':>10} {'f+b kernel':>10} {'x':>6}"
+    )
     for label, (heads, size) in WIDTHS.items():
         for seq_len in SEQ_LENS:
             b = max(1, batch * 196 // max(seq_len, 196)) if seq_len > 196 else batch  # keep long T affordable
@@ -144,7 +147,10 @@ def bench_cuda(batch, repeats):
     peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
     sync = torch.cuda.synchronize
     print(f"\nCUDA, {name}, batch {batch}")
-    print(f"{'width':16} {'T':>5} {'dtype':>8} | {'fwd orig':>9} {'fwd ours':>9} {'x':>5} | {'f+b ours':>9} {'GB/s fwd':>9} {'of peak':>7}")
+    print(
+        f"{'width':16} {'T':>5} {'dtype':>8} | {'fwd orig':>9} {'fwd ours':>9} {'x':>5} | "
+        f"{'f+b ours':>9} {'GB/s fwd':>9} {'of peak':>7}"
+    )
     for label, (heads, size) in WIDTHS.items():
         for seq_len in SEQ_LENS:
             xs = inputs(batch, seq_len, heads, size, "cuda")

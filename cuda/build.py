@@ -198,7 +198,7 @@ def main() -> None:
 
     backends = [args.backend] if args.backend != "auto" else ["cpu"] + (["cuda"] if torch.version.cuda else [])
     if "cuda" in backends and torch.version.cuda is None:
-        sys.exit("build.py: the CUDA variant needs a CUDA build of torch (use --cuda-compile-only to check the sources)")
+        sys.exit("build.py: the CUDA variant needs a CUDA build of torch (--cuda-compile-only checks the sources)")
     for backend in backends:
         build_variant(config, backend, args.out, args.verbose)
 

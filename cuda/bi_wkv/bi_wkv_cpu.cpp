@@ -10,7 +10,8 @@
 //   forward states  A_t = sum_{i<t} (prod_{i<j<t} d_j) k_i v_i^T      (the state before t)
 //   backward states B_t = sum_{i>t} (prod_{t<j<i} d_j) k_i v_i^T
 //   y_t = r_t^T (A_t + B_t) + (r_t . (u * k_t)) v_t
-// The gradient is the same pair of scans with (r, gy) in the role of (k, v): see bwd_task.
+// The gradient runs the same scans with (r, gy) in the role of (k, v): see bwd_direction and
+// decay_cross_terms.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -169,7 +169,8 @@ def test_mixed_dtypes_and_autocast(built, device):
     # what autocast hands the op in the model: bfloat16 projections, float32 decays and bonus
     mixed = run(r.bfloat16(), k.bfloat16(), v.bfloat16(), w, u)
     assert mixed.dtype == torch.bfloat16
-    torch.testing.assert_close(mixed, run(r.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), w, u).bfloat16())
+    rounded = [x.bfloat16().float() for x in (r, k, v)]
+    torch.testing.assert_close(mixed, run(*rounded, w, u).bfloat16())
 
 
 # ---------------------------------------------------------------- backend choice and fallbacks
