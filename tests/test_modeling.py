@@ -336,7 +336,13 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 def test_trust_remote_code_without_the_package(tmp_path, model):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
-    for name in ("configuration_rwkv_clip.py", "modeling_rwkv_clip.py", "bi_wkv.py", "bi_wkv_chunk.py"):
+    for name in (
+        "configuration_rwkv_clip.py",
+        "modeling_rwkv_clip.py",
+        "bi_wkv.py",
+        "bi_wkv_chunk.py",
+        "bi_wkv_kernel.py",
+    ):
         assert (model_dir / name).is_file(), name
     inputs = {"input_ids": torch.tensor([[BOS, 4, 9, EOS]]), "pixel_values": torch.randn(2, 3, 40, 32)}
     torch.save(inputs, tmp_path / "inputs.pt")

@@ -20,6 +20,11 @@ TOKEN_SHIFT_OFFSETS = {
 }
 
 
+# Implementations of the Bi-WKV operator (ops/bi_wkv): "auto" uses the prebuilt kernel when it loads for the
+# tensors' device and the PyTorch chunked path otherwise; "kernel" requires the kernel; "torch" never uses it.
+BI_WKV_BACKENDS = ("auto", "kernel", "torch")
+
+
 class _RemoteCodeConfigMixin:
     """Saved directories carry their code so that `trust_remote_code=True` loads them without this package."""
 
@@ -55,6 +60,10 @@ class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
                 raise ValueError(f"{type(self).__name__}: {name} must be positive, got {getattr(self, name)}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"{type(self).__name__}: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.bi_wkv_backend not in BI_WKV_BACKENDS:
+            raise ValueError(
+                f"{type(self).__name__}: bi_wkv_backend must be one of {BI_WKV_BACKENDS}, got {self.bi_wkv_backend!r}."
+            )
 
     @property
     def num_attention_heads(self) -> int:
@@ -88,6 +97,8 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         token_shift: `"b_shift"` (previous / next token per half head).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0), training only.
         initializer_range: std of the token embedding at initialisation.
+        bi_wkv_backend: `"auto"`, `"kernel"` or `"torch"`: which implementation of the Bi-WKV operator runs
+            (see `BI_WKV_BACKENDS`); the environment variable RWKV_CLIP_BI_WKV_BACKEND overrides it.
     """
 
     model_type = "rwkv_clip_text_model"
@@ -107,6 +118,7 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     token_shift: str = "b_shift"
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
+    bi_wkv_backend: str = "auto"
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
     eos_token_id: int | None = 49407
@@ -146,6 +158,8 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         token_shift: `"q_shift"` (left / right / above / below per quarter head).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0), training only.
         initializer_range: std of the position embedding at initialisation.
+        bi_wkv_backend: `"auto"`, `"kernel"` or `"torch"`: which implementation of the Bi-WKV operator runs
+            (see `BI_WKV_BACKENDS`); the environment variable RWKV_CLIP_BI_WKV_BACKEND overrides it.
     """
 
     model_type = "rwkv_clip_vision_model"
@@ -165,6 +179,7 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     token_shift: str = "q_shift"
     drop_path_rate: float = 0.3
     initializer_range: float = 0.02
+    bi_wkv_backend: str = "auto"
 
     def validate_architecture(self):
         self._validate_tower()
@@ -265,9 +280,14 @@ _REMOTE_CODE_FILES = {
     "modeling_rwkv_clip.py": ("modeling_rwkv_clip.py", {"from .ops.bi_wkv import": "from .bi_wkv import"}),
     "bi_wkv.py": (
         "ops/bi_wkv/__init__.py",
-        {"from .chunk import": "from .bi_wkv_chunk import", "from .naive import": "from .bi_wkv_naive import"},
+        {
+            "from .chunk import": "from .bi_wkv_chunk import",
+            "from .kernel import": "from .bi_wkv_kernel import",
+            "from .naive import": "from .bi_wkv_naive import",
+        },
     ),
     "bi_wkv_chunk.py": ("ops/bi_wkv/chunk.py", {}),
+    "bi_wkv_kernel.py": ("ops/bi_wkv/kernel.py", {}),
     "bi_wkv_naive.py": ("ops/bi_wkv/naive.py", {}),
 }
 
@@ -322,4 +342,11 @@ def _save_with_remote_code(config, save_fn, save_directory, push_to_hub: bool, *
     repo_id = kwargs.pop("repo_id", Path(save_directory).name)
     config.push_to_hub(repo_id, **kwargs)
 
-__all__ = ["RWKVCLIPConfig", "RWKVCLIPTextConfig", "RWKVCLIPVisionConfig", "PRESETS", "export_remote_code"]
+__all__ = [
+    "RWKVCLIPConfig",
+    "RWKVCLIPTextConfig",
+    "RWKVCLIPVisionConfig",
+    "PRESETS",
+    "BI_WKV_BACKENDS",
+    "export_remote_code",
+]

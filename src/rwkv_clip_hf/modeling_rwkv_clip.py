@@ -4,6 +4,7 @@ One block implementation serves both towers; they differ only in the token shift
 image patch grid, a "B-shift" along the text sequence), chosen by `config.token_shift`.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,15 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
     return hidden_states * mask / keep
 
 
+BI_WKV_BACKEND_ENV = "RWKV_CLIP_BI_WKV_BACKEND"
+
+
+@torch.compiler.assume_constant_result
+def _bi_wkv_backend(configured: str) -> str:
+    """$RWKV_CLIP_BI_WKV_BACKEND when set, else the configured backend (a constant for torch.compile)."""
+    return os.environ.get(BI_WKV_BACKEND_ENV) or configured
+
+
 class _ShiftMixin:
     """Token shift of the tower this module belongs to, and the layer facts the RWKV-6 init schedules need."""
 
@@ -120,6 +130,7 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
         self._init_layer(config, layer_idx)
+        self.config = config  # read at every call, so that changing config.bi_wkv_backend takes effect
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.mix_lora_rank = config.mix_lora_rank
@@ -156,9 +167,15 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         gate = F.silu(self.gate(x_g))
         log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
 
-        out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa)
+        out = bi_wkv(
+            receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.bi_wkv_backend()
+        )
         out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
         return self.output(out * gate)
+
+    def bi_wkv_backend(self) -> str:
+        """The Bi-WKV implementation to use: $RWKV_CLIP_BI_WKV_BACKEND, else `config.bi_wkv_backend`."""
+        return _bi_wkv_backend(self.config.bi_wkv_backend)
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:

@@ -12,12 +12,14 @@ about modules or configs.
 
 Paths:
     * `naive_bi_wkv`: two explicit recurrences, a loop over tokens (reference, slow).
-    * `chunk_bi_wkv`: chunked, linear time, exact and overflow-free for any decay (default).
+    * `chunk_bi_wkv`: chunked, linear time, exact and overflow-free for any decay (the PyTorch path).
+    * the prebuilt kernel (CPU and CUDA, `cuda/` in the repository), loaded from the kernel hub by `kernel.py`.
 """
 
 import torch
 
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_bi_wkv
+from .kernel import BACKENDS, KernelUnavailableError, kernel_module, resolve_kernel
 from .naive import naive_bi_wkv
 
 
@@ -28,6 +30,8 @@ def bi_wkv(
     w: torch.Tensor,
     u: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    backend: str = "torch",
+    kernel_repo: str | None = None,
 ) -> torch.Tensor:
     """Bidirectional WKV.
 
@@ -36,6 +40,12 @@ def bi_wkv(
         u: `(heads, head_size)`, the bonus of the current token.
         chunk_size: tokens per chunk of the chunked path (a speed knob; results do not depend on it
             beyond float rounding).
+        backend: `"torch"` (the chunked PyTorch path), `"kernel"` (the prebuilt kernel; raises
+            `KernelUnavailableError` when it cannot be loaded for the tensors' device) or `"auto"` (the kernel
+            when it loads, else the PyTorch path, logging the reason once). Float64 inputs always take the
+            PyTorch path under `"auto"` (the CUDA kernel computes in float32).
+        kernel_repo: kernel-hub repo id of the kernel (default: $RWKV_CLIP_BI_WKV_KERNEL_REPO or
+            `kernel.DEFAULT_KERNEL_REPO`).
 
     Returns:
         `(batch, seq_len, heads, head_size)` in the dtype of `r`, computed in float32 (float64 when an
@@ -48,9 +58,23 @@ def bi_wkv(
             raise ValueError(f"bi_wkv: {name} has shape {tuple(tensor.shape)}, expected {tuple(r.shape)} like r")
     if u.shape != r.shape[2:]:
         raise ValueError(f"bi_wkv: u has shape {tuple(u.shape)}, expected (heads, head_size) = {tuple(r.shape[2:])}")
+    if backend not in BACKENDS:
+        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS}, got {backend!r}")
     if r.shape[1] == 0:
         return torch.zeros_like(r)
+    float64 = torch.float64 in (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
+    if backend == "kernel" or (backend == "auto" and not float64):
+        key = resolve_kernel(r.device.type, backend, kernel_repo)
+        if key:
+            return kernel_module(key).bi_wkv(r, k, v, w, u)
     return chunk_bi_wkv(r, k, v, w, u, chunk_size=chunk_size)
 
 
-__all__ = ["bi_wkv", "chunk_bi_wkv", "naive_bi_wkv", "DEFAULT_CHUNK_SIZE"]
+__all__ = [
+    "bi_wkv",
+    "chunk_bi_wkv",
+    "naive_bi_wkv",
+    "DEFAULT_CHUNK_SIZE",
+    "BACKENDS",
+    "KernelUnavailableError",
+]

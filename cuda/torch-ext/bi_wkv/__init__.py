@@ -1,0 +1,51 @@
+"""Bi-WKV, the bidirectional WKV operator of RWKV-CLIP, as a prebuilt kernel (CPU and CUDA).
+
+`bi_wkv(r, k, v, w, u)`: r, k, v, w of shape (batch, seq_len, heads, head_size), w = log(-log(decay)); u of
+shape (heads, head_size). Computes in float32 (float64 for float64 inputs, CPU only) whatever the input
+dtype and returns the dtype of r. Differentiable in every input; traceable by torch.compile (fake
+implementations are registered below), and autocast leaves it alone.
+"""
+
+import torch
+
+from ._ops import add_op_namespace_prefix, ops
+
+
+__all__ = ["bi_wkv", "ops"]
+
+
+@torch.library.register_fake(add_op_namespace_prefix("forward"))
+def _forward_fake(r, k, v, w, u):
+    return torch.empty_like(r)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("backward"))
+def _backward_fake(gy, r, k, v, w, u):
+    return tuple(torch.empty_like(r) for _ in range(4)) + (torch.empty_like(u),)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, gy):
+    r, k, v, w, u = ctx.saved_tensors
+    return ops.backward(gy.to(r.dtype).contiguous(), r, k, v, w, u)
+
+
+torch.library.register_autograd(add_op_namespace_prefix("forward"), _backward, setup_context=_setup_context)
+
+
+def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Bidirectional WKV; see the module docstring. Mixed input dtypes are computed from float32 copies."""
+    out_dtype = r.dtype
+    dtypes = (r.dtype, k.dtype, v.dtype, w.dtype)
+    if torch.float64 in dtypes + (u.dtype,):
+        dtype = torch.float64
+    elif len(set(dtypes)) == 1:
+        dtype = r.dtype
+    else:
+        dtype = torch.float32
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    r, k, v, w = (x.to(dtype).contiguous() for x in (r, k, v, w))
+    return ops.forward(r, k, v, w, u.to(acc).contiguous()).to(out_dtype)

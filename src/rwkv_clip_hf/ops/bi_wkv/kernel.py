@@ -1,0 +1,136 @@
+"""The prebuilt Bi-WKV kernel, loaded from the kernel hub with `kernels.get_kernel` and cached per device type.
+
+The kernel (sources in `cuda/` of the repository) is a kernel-hub repository with CPU and CUDA build variants.
+`kernels` picks the variant that matches the installed torch, C++ ABI, backend and platform; the environment
+variable `LOCAL_KERNELS=<repo-id>=<path>` points a repo id at a local folder holding `build/<variant>/`
+(e.g. the output of `make kernels`), which is how tests and development use it without the Hub.
+
+Environment:
+    RWKV_CLIP_BI_WKV_KERNEL_REPO: the kernel repo id (default `DEFAULT_KERNEL_REPO`).
+    RWKV_CLIP_BI_WKV_TRUST_REMOTE_CODE=1: allow downloading the kernel from a publisher that the Hub does not
+        list as a trusted kernel publisher (`kernels` refuses those otherwise). Local overrides and, in offline
+        mode, already cached kernels need no trust flag.
+"""
+
+import logging
+import os
+import threading
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KERNEL_REPO = "rwkv-clip-hf/bi-wkv"
+KERNEL_VERSION = 1
+REPO_ENV = "RWKV_CLIP_BI_WKV_KERNEL_REPO"
+TRUST_ENV = "RWKV_CLIP_BI_WKV_TRUST_REMOTE_CODE"
+BACKENDS = ("auto", "kernel", "torch")
+# torch dispatch keys of the device types the kernel is built for
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+class KernelUnavailableError(RuntimeError):
+    """The prebuilt Bi-WKV kernel cannot be used for the requested device."""
+
+
+# (repo id, device type, LOCAL_KERNELS) -> loaded kernel module, or the exception that prevented loading
+_loaded: dict[tuple[str, str, str], object] = {}
+_lock = threading.Lock()
+
+
+def kernel_repo_id(repo_id: str | None = None) -> str:
+    """The kernel repo id: `repo_id` if given, else $RWKV_CLIP_BI_WKV_KERNEL_REPO, else `DEFAULT_KERNEL_REPO`."""
+    return repo_id or os.environ.get(REPO_ENV) or DEFAULT_KERNEL_REPO
+
+
+def _trust_remote_code() -> bool:
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _get_kernel(repo_id: str, device_type: str):
+    import kernels
+
+    trust = _trust_remote_code()
+    if device_type == "cpu":
+        try:
+            return kernels.get_kernel(repo_id, version=KERNEL_VERSION, backend="cpu", trust_remote_code=trust)
+        except Exception:
+            if torch.version.cuda is None:
+                raise
+            # a CUDA build also registers the CPU implementation
+    return kernels.get_kernel(repo_id, version=KERNEL_VERSION, trust_remote_code=trust)
+
+
+def _load(repo_id: str, device_type: str):
+    if device_type not in _DISPATCH_KEYS:
+        raise KernelUnavailableError(f"the Bi-WKV kernel has no {device_type} implementation (only cpu and cuda)")
+    module = _get_kernel(repo_id, device_type)
+    op = module.add_op_namespace_prefix("forward")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, _DISPATCH_KEYS[device_type]):
+        raise KernelUnavailableError(f"the loaded build of {repo_id} has no {device_type} implementation")
+    return module
+
+
+def load_kernel(device_type: str, repo_id: str | None = None):
+    """The kernel module for tensors on `device_type` ("cpu", "cuda"), loaded once per repo and device type.
+
+    Raises `KernelUnavailableError` (with the reason) when it cannot be loaded; the failure is cached too, so
+    the Hub is asked at most once per process.
+    """
+    repo_id = kernel_repo_id(repo_id)
+    key = (repo_id, device_type, os.environ.get("LOCAL_KERNELS", ""))
+    with _lock:
+        if key not in _loaded:
+            try:
+                _loaded[key] = _load(repo_id, device_type)
+            except Exception as error:  # missing, incompatible or broken builds all mean: no kernel
+                _loaded[key] = error
+        result = _loaded[key]
+    if isinstance(result, Exception):
+        raise KernelUnavailableError(
+            f"Bi-WKV kernel {repo_id!r} (version {KERNEL_VERSION}) is unavailable for {device_type} tensors: "
+            f"{type(result).__name__}: {result}. Build it with `make kernels` and point LOCAL_KERNELS="
+            f"{repo_id}=<path to cuda/> at it, or publish the build variants to the Hub "
+            f"(README, 'Bi-WKV kernel')."
+        ) from result
+    return result
+
+
+_reported: set[tuple] = set()
+
+
+@torch.compiler.assume_constant_result
+def resolve_kernel(device_type: str, backend: str, repo_id: str | None = None) -> str:
+    """Which kernel `backend` ("auto", "kernel", "torch") uses for `device_type`: the key of the loaded kernel
+    module in the cache, or "" for the PyTorch path. Logs once per repo and device why "auto" falls back.
+
+    A constant for torch.compile, which calls it while tracing, so that loading never breaks the graph.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return ""
+    try:
+        load_kernel(device_type, repo_id)
+    except KernelUnavailableError as error:
+        if backend == "kernel":
+            raise
+        reason = (kernel_repo_id(repo_id), device_type)
+        if reason not in _reported:
+            _reported.add(reason)
+            logger.warning("%s Using the PyTorch chunked path instead.", error)
+        return ""
+    return "\x00".join((kernel_repo_id(repo_id), device_type, os.environ.get("LOCAL_KERNELS", "")))
+
+
+def kernel_module(key: str):
+    """The module cached under a key returned by `resolve_kernel`."""
+    return _loaded[tuple(key.split("\x00"))]
+
+
+def clear_cache() -> None:
+    """Forget loaded kernels and failures (tests; a new build in the same process needs a new namespace anyway)."""
+    with _lock:
+        _loaded.clear()
+        _reported.clear()
