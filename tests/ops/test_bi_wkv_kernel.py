@@ -214,7 +214,7 @@ def test_auto_falls_back_and_kernel_raises(tmp_path, monkeypatch, caplog, proble
     monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={repo}")
     r, k, v, w, u = (x.float() for x in make_inputs(1, 30, 2, 8, "trained", seed=7))
     expected = chunk_bi_wkv(r, k, v, w, u)
-    with caplog.at_level(logging.WARNING, logger=kernel.__name__):
+    with caplog.at_level(logging.INFO, logger=kernel.__name__):
         for _ in range(3):
             torch.testing.assert_close(bi_wkv(r, k, v, w, u, backend="auto"), expected, rtol=0, atol=0)
     reports = [rec for rec in caplog.records if rec.name == kernel.__name__]
@@ -223,7 +223,16 @@ def test_auto_falls_back_and_kernel_raises(tmp_path, monkeypatch, caplog, proble
         bi_wkv(r, k, v, w, u, backend="kernel")
 
 
+def test_source_checkout_build_is_found_without_local_kernels(monkeypatch, built):
+    # a development checkout uses what `make kernels` built, without LOCAL_KERNELS and without the Hub
+    monkeypatch.delenv("LOCAL_KERNELS")
+    assert kernel.source_checkout_kernel_dir() == Path(KERNEL_DIR).resolve()
+    r, k, v, w, u = (x.float() for x in make_inputs(1, 10, 2, 8, "trained", seed=8))
+    torch.testing.assert_close(bi_wkv(r, k, v, w, u, backend="kernel"), built.bi_wkv(r, k, v, w, u))
+
+
 def test_kernel_repo_is_configurable(monkeypatch, built):
+    monkeypatch.setattr(kernel, "source_checkout_kernel_dir", lambda: None)  # as in an installed package
     monkeypatch.setenv("LOCAL_KERNELS", f"someone/bi-wkv-fork={KERNEL_DIR}")
     r, k, v, w, u = (x.float() for x in make_inputs(1, 10, 2, 8, "trained", seed=8))
     with pytest.raises(KernelUnavailableError, match="rwkv-clip-hf/bi-wkv"):

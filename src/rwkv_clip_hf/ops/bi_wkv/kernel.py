@@ -15,6 +15,7 @@ Environment:
 import logging
 import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -48,10 +49,26 @@ def _trust_remote_code() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def source_checkout_kernel_dir() -> Path | None:
+    """`cuda/` of the source checkout this package runs from, if `make kernels` has built variants there."""
+    try:
+        candidate = Path(__file__).resolve().parents[4] / "cuda"
+    except IndexError:  # a flattened copy (trust_remote_code) deep in no tree
+        return None
+    if (candidate / "build.toml").is_file() and (candidate / "build").is_dir():
+        return candidate
+    return None
+
+
 def _get_kernel(repo_id: str, device_type: str):
     import kernels
 
     trust = _trust_remote_code()
+    local = source_checkout_kernel_dir()
+    overridden = any(entry.split("=", 1)[0] == repo_id for entry in os.environ.get("LOCAL_KERNELS", "").split(":"))
+    if local is not None and repo_id == DEFAULT_KERNEL_REPO and not overridden:
+        # a development checkout: use what `make kernels` built rather than asking the Hub
+        return kernels.get_local_kernel(local, backend="cpu" if device_type == "cpu" else None)
     if device_type == "cpu":
         try:
             return kernels.get_kernel(repo_id, version=KERNEL_VERSION, backend="cpu", trust_remote_code=trust)
@@ -119,7 +136,9 @@ def resolve_kernel(device_type: str, backend: str, repo_id: str | None = None) -
         reason = (kernel_repo_id(repo_id), device_type)
         if reason not in _reported:
             _reported.add(reason)
-            logger.warning("%s Using the PyTorch chunked path instead.", error)
+            # on CPU the PyTorch path is the expected default of an installed package; on GPUs it costs more
+            log = logger.warning if device_type == "cuda" else logger.info
+            log("%s Using the PyTorch chunked path instead.", error)
         return ""
     return "\x00".join((kernel_repo_id(repo_id), device_type, os.environ.get("LOCAL_KERNELS", "")))
 
