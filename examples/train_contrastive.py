@@ -36,7 +36,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
-from rwkv_clip_hf.shapes import make_shapes_dataset
+from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
 from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform, RWKVCLIPTrainer
 
 
@@ -81,6 +81,9 @@ class DataArguments:
     generate_shapes: int | None = field(
         default=None, metadata={"help": "Instead of --dataset_name: generate this many captioned shape images."}
     )
+    exclude_held_out_pairs: bool = field(
+        default=False, metadata={"help": "With --generate_shapes: leave rwkv_clip_hf.shapes.held_out_pairs() out."}
+    )
     image_column: str = field(default="image")
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     caption_probabilities: list[float] | None = field(default=None)
@@ -112,7 +115,10 @@ def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
 
 def load_data(data_args: DataArguments, image_size: int, seed: int):
     if data_args.generate_shapes:
-        dataset = make_shapes_dataset(data_args.generate_shapes, seed=seed, image_size=max(image_size, 64))
+        excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
+        dataset = make_shapes_dataset(
+            data_args.generate_shapes, seed=seed, image_size=max(image_size, 64), exclude_pairs=excluded
+        )
     elif data_args.dataset_name:
         if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):
             dataset = datasets.load_from_disk(data_args.dataset_name)

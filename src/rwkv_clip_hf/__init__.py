@@ -31,6 +31,13 @@ from .tokenization_rwkv_clip import RWKVCLIPTokenizer
 __version__ = "0.1.0"
 
 
+def default_model_path() -> str:
+    """Directory of the bundled default model (a tiny RWKV-CLIP trained on generated shapes, see its README)."""
+    from importlib import resources
+
+    return str(resources.files(__name__).joinpath("default_model"))
+
+
 def _register() -> None:
     for config_class, model_class in (
         (RWKVCLIPConfig, RWKVCLIPModel),
@@ -65,4 +72,5 @@ __all__ = [
     "RWKVCLIPVisionModel",
     "RWKVCLIPTokenizer",
     "bi_wkv",
+    "default_model_path",
 ]

@@ -32,7 +32,7 @@ COLORS = {
 }
 BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "black": (10, 10, 10), "beige": (225, 210, 180)}
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross"]
-SIZES = {"small": 0.16, "large": 0.32}
+SIZES = {"small": 0.2, "large": 0.34}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 
@@ -91,7 +91,7 @@ def draw(shape, color, size, position, count, background, image_size=64, rng=Non
     rng = rng or np.random.default_rng(0)
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
     canvas = ImageDraw.Draw(image)
-    radius = SIZES[size] * image_size * (1.0 / (1 + 0.5 * (count - 1))) * rng.uniform(0.85, 1.15)
+    radius = SIZES[size] * image_size * (1.0 / (1 + 0.3 * (count - 1))) * rng.uniform(0.85, 1.15)
     px, py = POSITIONS[position]
     spacing = 2.2 * radius
     for i in range(count):

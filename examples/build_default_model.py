@@ -1,0 +1,240 @@
+"""Train, evaluate and save the bundled default model (`src/rwkv_clip_hf/default_model/`).
+
+    make default-model        # = python examples/build_default_model.py
+
+1. Generates the captioned shapes dataset (`rwkv_clip_hf.shapes`), leaving a fixed set of colour x shape pairs
+   (`held_out_pairs()`) out of training.
+2. Trains a small RWKV-CLIP from scratch with `examples/train_contrastive.py` (Trainer, the paper's optimiser
+   settings, one of three caption phrasings per image and step).
+3. Evaluates it with `rwkv-clip-eval zero-shot` on freshly generated test images: the held-out colour x shape
+   pairs, seen pairs, and the harder attributes (size, position, count, background), all with prompt phrasings
+   never used in training.
+4. Writes the model (float16 weights, loaded as float32), processor and a model card with the figures.
+
+Everything is seeded; a rerun reproduces the model up to float non-determinism of multi-threaded CPU kernels.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import ClassLabel
+
+import rwkv_clip_hf  # noqa: F401
+from rwkv_clip_hf import RWKVCLIPModel
+from rwkv_clip_hf.evaluation.cli import run as run_eval
+from rwkv_clip_hf.shapes import BACKGROUNDS, COLORS, COUNTS, POSITIONS, SHAPES, SIZES, held_out_pairs, make_shapes_dataset
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "src" / "rwkv_clip_hf" / "default_model"
+IMAGE_SIZE = 64
+ARCHITECTURE = {
+    # captions of shapes are short: a 32-token context (the original's is 77) halves the text tower's cost
+    "text_config": {"hidden_size": 96, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
+                    "mix_lora_rank": 8, "decay_lora_rank": 16, "max_position_embeddings": 32},
+    "vision_config": {"hidden_size": 96, "head_size": 32, "num_hidden_layers": 4, "intermediate_size": 256,
+                      "mix_lora_rank": 8, "decay_lora_rank": 16, "image_size": IMAGE_SIZE, "patch_size": 8,
+                      "drop_path_rate": 0.0},
+}
+
+
+def pair_name(color: str, shape: str) -> str:
+    return f"{color} {shape}"
+
+
+def evaluation_sets(directory: Path, samples: int, seed: int) -> dict[str, dict]:
+    """Generated test splits saved to disk, and how to evaluate each (label column, class names, templates)."""
+    held_out = held_out_pairs()
+    seen = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in held_out]
+    all_pairs = [pair_name(c, s) for c in COLORS for s in SHAPES]
+    sets = {}
+
+    def add(name, dataset, label, classnames, templates):
+        dataset = dataset.map(lambda row: {label: classnames.index(row["_label"])}, remove_columns=["_label"])
+        dataset = dataset.cast_column(label, ClassLabel(names=classnames))
+        path = directory / name
+        dataset.save_to_disk(str(path))
+        sets[name] = {"path": path, "label": label, "classnames": classnames, "templates": templates}
+
+    # colour x shape, 48-way, on images of pairs never seen in training; prompts never seen in training
+    test = make_shapes_dataset(samples, seed=seed, image_size=IMAGE_SIZE, only_pairs=held_out)
+    test = test.map(lambda row: {"_label": pair_name(row["color"], row["shape"])})
+    add("held_out_color_shape", test, "pair", all_pairs, ["a photo of a {}.", "this is a {}."])
+    seen_test = make_shapes_dataset(samples, seed=seed + 1, image_size=IMAGE_SIZE, only_pairs=seen)
+    seen_test = seen_test.map(lambda row: {"_label": pair_name(row["color"], row["shape"])})
+    add("seen_color_shape", seen_test, "pair", all_pairs, ["a photo of a {}.", "this is a {}."])
+    # single attributes on the seen-pair images
+    attributes = {
+        "color": (list(COLORS), ["a photo of something {}.", "a {} thing."]),
+        "shape": (SHAPES, ["a photo of a {}.", "this is a {}."]),
+        "size": (list(SIZES), ["a photo of a {} shape.", "this is a {} shape."]),
+        "position": (list(POSITIONS), ["a photo of a shape in the {}.", "a shape near the {}."]),
+        "count": ([COUNTS[c] for c in COUNTS], ["a photo of {} shapes.", "there are {} shapes."]),
+        "background": (list(BACKGROUNDS), ["a shape on a {} background.", "a photo with a {} background."]),
+    }
+    for attribute, (classnames, templates) in attributes.items():
+        column = seen_test.remove_columns(["_label"]).map(
+            lambda row, a=attribute: {"_label": COUNTS[row[a]] if a == "count" else row[a]}
+        )
+        add(f"attribute_{attribute}", column, attribute + "_id", classnames, templates)
+    return sets
+
+
+def evaluate(model_dir: Path, directory: Path, samples: int, seed: int) -> dict:
+    results = {}
+    for name, spec in evaluation_sets(directory / "data", samples, seed).items():
+        args = [
+            "zero-shot", "--model", str(model_dir), "--dataset", str(spec["path"]), "--label-column", spec["label"],
+            "--classnames", *spec["classnames"], "--templates", *spec["templates"], "--metric", "top1",
+            "--output-dir", str(directory / "results"), "--cache-dir", str(directory / "cache"),
+            "--batch-size", "128", "--device", "cpu",
+        ]
+        result = run_eval(args)
+        results[name] = {
+            "accuracy": result["accuracy"],
+            "chance": 1.0 / len(spec["classnames"]),
+            "classes": len(spec["classnames"]),
+            "samples": samples,
+            "templates": spec["templates"],
+        }
+        print(f"{name:28s} top-1 {100 * result['accuracy']:5.1f} %  (chance {100 / len(spec['classnames']):.1f} %)")
+    return results
+
+
+def train(work: Path, args) -> Path:
+    run_dir = work / "run"
+    command = [
+        sys.executable, str(ROOT / "examples" / "train_contrastive.py"),
+        "--output_dir", str(run_dir),
+        "--generate_shapes", str(args.train_samples),
+        "--exclude_held_out_pairs",
+        "--config_name", "tiny", "--config_overrides", json.dumps(ARCHITECTURE),
+        "--caption_columns", "captions",
+        "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--weight_decay", "0.05",
+        "--validation_fraction", "0",
+        "--save_strategy", "no",
+        "--logging_steps", "25",
+        "--seed", str(args.seed),
+        "--dataloader_num_workers", "0",
+    ]
+    print(" ".join(command))
+    subprocess.run(command, check=True)
+    return run_dir
+
+
+def model_card(results: dict, args, parameters: int, seconds: float) -> str:
+    rows = "\n".join(
+        f"| {name.replace('_', ' ')} | {r['classes']} | {100 * r['accuracy']:.1f} % | {100 * r['chance']:.1f} % |"
+        for name, r in results.items()
+    )
+    return f"""---
+library_name: rwkv-clip-hf
+pipeline_tag: zero-shot-image-classification
+license: mit
+tags: [rwkv-clip, clip, synthetic]
+---
+
+# rwkv-clip-shapes-tiny
+
+The default model bundled with rwkv-clip-hf: a {parameters / 1e6:.1f}M-parameter RWKV-CLIP
+(width 96; 4 image blocks on 8x8 patches of 64x64 images, 2 text blocks over 32 tokens, the real CLIP
+tokenizer) trained from scratch on {args.train_samples} procedurally generated images of coloured shapes with
+captions (`rwkv_clip_hf.shapes`). It exists so that `make demo` does real zero-shot classification offline; it
+knows only colours, shapes, sizes, positions, counts and backgrounds of flat drawings.
+
+Training: `examples/train_contrastive.py`, {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98),
+lr {args.learning_rate}, cosine with 10 % warmup, weight decay 0.05, one of three caption phrasings per image and
+step, {len(held_out_pairs())} colour x shape pairs held out ({", ".join(pair_name(c, s) for c, s in held_out_pairs())}).
+{seconds / 60:.0f} minutes on 2 CPU cores. Weights stored in float16, loaded as float32.
+
+## Evaluation
+
+Zero-shot top-1 accuracy with `rwkv-clip-eval zero-shot` on {args.eval_samples} newly generated images per row,
+with prompt phrasings never used in training (templates averaged as in CLIP):
+
+| test | classes | top-1 | chance |
+|---|---|---|---|
+{rows}
+
+"held out color shape": images of the held-out pairs, classified among all 48 colour x shape names.
+"seen color shape": new images of pairs seen in training. "attribute X": one attribute, others ignored.
+
+## Limitations
+
+Colour and background are recognised well; shape only partly (a linear probe on its image features finds
+little shape information), and position, count and size barely above chance. The project's goal for this
+model, >= 90 % on colour x shape, is not reached yet: longer training and more steps helped most so far
+(batch 128 for 12 epochs gave 27 % on seen pairs, batch 64 for 14 epochs 46.5 %). The bundled example
+images in `examples/images/` are single, clear drawings that it classifies correctly.
+
+## Reproduce
+
+```bash
+make default-model      # python examples/build_default_model.py --seed {args.seed}
+```
+
+## Use
+
+```python
+import rwkv_clip_hf
+from transformers import pipeline
+
+classifier = pipeline("zero-shot-image-classification", model=rwkv_clip_hf.default_model_path())
+classifier(image, candidate_labels=["a red circle", "a blue square"])
+```
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--train-samples", type=int, default=8000)
+    parser.add_argument("--eval-samples", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediate files here")
+    args = parser.parse_args()
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="rwkv-clip-default-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    run_dir = train(work, args)
+    seconds = time.time() - start
+
+    model = RWKVCLIPModel.from_pretrained(run_dir)
+    staging = args.output.with_name(args.output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(staging)
+    config = json.loads((staging / "config.json").read_text())
+    config["dtype"] = "float32"  # compute in float32 on CPU; only the storage is float16
+    config.pop("auto_map", None)  # the package itself serves the code: no remote-code copies in the bundle
+    for code in staging.glob("*.py"):
+        code.unlink()
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # no tokenizer.json (3.6 MB): RWKVCLIPTokenizer rebuilds the same vocabulary from the package's BPE file
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        shutil.copy(run_dir / name, staging / name)
+
+    results = evaluate(staging, work / "eval", args.eval_samples, seed=10_000 + args.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    (staging / "README.md").write_text(model_card(results, args, parameters, seconds))
+    (staging / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(args.output, ignore_errors=True)
+    staging.rename(args.output)
+    print(f"saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
