@@ -10,8 +10,7 @@
 //   forward states  A_t = sum_{i<t} (prod_{i<j<t} d_j) k_i v_i^T      (the state before t)
 //   backward states B_t = sum_{i>t} (prod_{t<j<i} d_j) k_i v_i^T
 //   y_t = r_t^T (A_t + B_t) + (r_t . (u * k_t)) v_t
-// The gradient runs the same scans with (r, gy) in the role of (k, v): see bwd_direction and
-// decay_cross_terms.
+// The gradient runs the same scans with (r, gy) in the role of (k, v), on value-major states: see bwd_token.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,19 +38,6 @@ template <class T>
 BI_WKV_INLINE void axpy(T* __restrict y, const T* __restrict x, T a, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// s = decay * s + a * x, returning dot(old s, z): the read of the state before the update and the
-// update itself share one pass over the row.
-template <class T>
-BI_WKV_INLINE T dot_then_decay(T* __restrict s, const T* __restrict z, T decay, T a, const T* __restrict x, int n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) {
-    acc += s[i] * z[i];
-    s[i] = decay * s[i] + a * x[i];
-  }
-  return acc;
 }
 
 template <class T>
@@ -103,102 +89,104 @@ BI_WKV_INLINE void fwd_impl(int T_, int n, const T* r, const T* k, const T* v, c
   fwd_direction(T_, n, T_ - 1, -1, r, k, v, dd, y, S);
 }
 
-// One direction of the backward scan, visiting t = first, first + step, ...
-// States: K = sum decayed k v^T (as in the forward), G = sum decayed r gy^T. At token t (before updating):
-//   dr_t += K gy_t,   dk_t += G v_t,   dv_t += G^T k_t
-template <class T>
-BI_WKV_INLINE void bwd_direction(int T_, int n, int first, int step, const T* r, const T* k, const T* v,
-                                 const T* gy, const T* dd, T* dr, T* dk, T* dv, T* K, T* G) {
-  for (int i = 0; i < n * n; ++i) K[i] = G[i] = 0;
-  for (int s = 0, t = first; s < T_; ++s, t += step) {
-    const size_t off = (size_t)t * n;
-    const T *rt = r + off, *kt = k + off, *vt = v + off, *gt = gy + off, *dt = dd + off;
-    T *drt = dr + off, *dkt = dk + off, *dvt = dv + off;
-    for (int d = 0; d < n; ++d) {
-      T* Kd = K + (size_t)d * n;
-      T* Gd = G + (size_t)d * n;
-      const T decay = dt[d], kd = kt[d], rd = rt[d];
-      axpy(dvt, Gd, kd, n);
-      drt[d] += dot_then_decay(Kd, gt, decay, kd, vt, n);
-      dkt[d] += dot_then_decay(Gd, vt, decay, rd, gt, n);
+// The backward keeps its states value-major: S^T[c][d] (c a value channel, d a key channel), so that each
+// state row is a vector over d, like r, k and the decays. With A = sum decayed k v^T and G = sum decayed
+// r gy^T (over the tokens already visited in one direction), token t needs
+//   dr_t += A_t gy_t = sum_c gy_t[c] A^T[c,:]      (an axpy over d per row c)
+//   dk_t += G_t v_t  = sum_c v_t[c] G^T[c,:]       (an axpy over d per row c)
+//   dv_t[c] += G^T[c,:] . k_t                      (the only horizontal reduction: one per row)
+// and the states update as A^T[c,:] = d_t * A^T[c,:] + v_t[c] k_t, G^T[c,:] = d_t * G^T[c,:] + gy_t[c] r_t.
+//
+// The gradient of the log-decays, exactly and without cancellation: every pair (t, i) whose decay product
+// spans token j contains d_j once, so d loss / d log(d_j) = d_j * X_j with, per key channel d,
+//   X_j[d] = sum_c (Af_j[c,d] Gb_j[c,d] + Ab_j[c,d] Gf_j[c,d])
+// (f: states of the tokens before j, b: of the tokens after j), again a vector over d accumulated over the
+// rows c. Writing it as d_j * X_j lets the caller fold d_j into d d_j / d w_j = -exp(w_j) d_j, which vanishes
+// smoothly where the decay underflows (a difference of running sums would leave rounding noise times
+// exp(w_j) there). X_j pairs the forward states at j with the backward ones: the forward sweep checkpoints
+// (Af, Gf) every `chunk` tokens; the backward sweep, chunk by chunk from the end, rebuilds the chunk's
+// forward states from its checkpoint (O(chunk * N^2) memory) and reads them while it runs.
+
+// One token of a sweep: the dr / dk / dv contributions of the states (A, G), then their update with the token.
+// With `Xa` / `Xg` (the other direction's states at this token), also X += sum_c Xa * G + A * Xg.
+template <class T, bool kCross>
+BI_WKV_INLINE void bwd_token(int n, const T* __restrict rt, const T* __restrict kt, const T* __restrict vt,
+                             const T* __restrict gt, const T* __restrict dt, T* __restrict drt, T* __restrict dkt,
+                             T* __restrict dvt, T* __restrict A, T* __restrict G, const T* __restrict Xa,
+                             const T* __restrict Xg, T* __restrict X) {
+  for (int c = 0; c < n; ++c) {
+    T* __restrict a = A + (size_t)c * n;
+    T* __restrict g = G + (size_t)c * n;
+    const T gc = gt[c], vc = vt[c];
+    T acc = 0;
+    if constexpr (kCross) {
+      const T* __restrict xa = Xa + (size_t)c * n;
+      const T* __restrict xg = Xg + (size_t)c * n;
+#pragma omp simd reduction(+ : acc)
+      for (int d = 0; d < n; ++d) {
+        const T ad = a[d], gd = g[d];
+        acc += kt[d] * gd;
+        drt[d] += gc * ad;
+        dkt[d] += vc * gd;
+        X[d] += xa[d] * gd + ad * xg[d];
+        a[d] = dt[d] * ad + vc * kt[d];
+        g[d] = dt[d] * gd + gc * rt[d];
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int d = 0; d < n; ++d) {
+        const T ad = a[d], gd = g[d];
+        acc += kt[d] * gd;
+        drt[d] += gc * ad;
+        dkt[d] += vc * gd;
+        a[d] = dt[d] * ad + vc * kt[d];
+        g[d] = dt[d] * gd + gc * rt[d];
+      }
     }
+    dvt[c] += acc;
   }
 }
 
-// s = decay * s + a * x
+// (A, G) <- (d_t A + v_t k_t^T, d_t G + gy_t r_t^T) in the value-major layout: the forward states rebuilt.
 template <class T>
-BI_WKV_INLINE void decay_add(T* __restrict s, T decay, T a, const T* __restrict x, int n) {
+BI_WKV_INLINE void update_states(int n, const T* __restrict rt, const T* __restrict kt, const T* __restrict vt,
+                                 const T* __restrict gt, const T* __restrict dt, T* __restrict A, T* __restrict G) {
+  for (int c = 0; c < n; ++c) {
+    T* __restrict a = A + (size_t)c * n;
+    T* __restrict g = G + (size_t)c * n;
+    const T gc = gt[c], vc = vt[c];
 #pragma omp simd
-  for (int i = 0; i < n; ++i) s[i] = decay * s[i] + a * x[i];
-}
-
-// The gradient of the log-decays, exactly and without cancellation. Every pair (t, i) whose decay product
-// spans token j contains d_j once, so d loss / d log(d_j) = d_j * X_j with, per channel (state row) d,
-//   X_j = A_j . Gb_j + B_j . Gf_j        (dot products over the value channels)
-// where A / B are the rows of the forward / backward k v^T states at j and Gf / Gb those of the r gy^T
-// states. Writing it as d_j * X_j lets the caller fold d_j into d d_j / d w_j = -exp(w_j) d_j, which
-// vanishes smoothly where the decay underflows (a difference of running sums would leave rounding noise
-// times exp(w_j) there). Rows are independent, so each row is done on its own with two length-N states
-// per direction: the backward states are checkpointed every `chunk` tokens on a backward sweep, then
-// rebuilt chunk by chunk (O(chunk * N) memory) while the forward sweep runs.
-template <class T>
-BI_WKV_INLINE void decay_cross_terms(int T_, int n, const T* r, const T* k, const T* v, const T* gy, const T* dd,
-                                     T* X, T* work, int chunk) {
-  const int chunks = (T_ + chunk - 1) / chunk;
-  T* ckpt = work;                             // chunks x (B, Gb)
-  T* rebuilt = ckpt + (size_t)chunks * 2 * n;  // chunk x (B, Gb)
-  T* A = rebuilt + (size_t)chunk * 2 * n;
-  T* Gf = A + n;
-  T* Bs = Gf + n;
-  T* Gb = Bs + n;
-  for (int d = 0; d < n; ++d) {
-    for (int i = 0; i < n; ++i) Bs[i] = Gb[i] = 0;
-    for (int j = T_ - 1; j >= 0; --j) {
-      if (j == T_ - 1 || (j + 1) % chunk == 0) {  // j is the last token of its chunk
-        T* saved = ckpt + (size_t)(j / chunk) * 2 * n;
-        for (int i = 0; i < n; ++i) saved[i] = Bs[i], saved[n + i] = Gb[i];
-      }
-      const size_t off = (size_t)j * n;
-      decay_add(Bs, dd[off + d], k[off + d], v + off, n);
-      decay_add(Gb, dd[off + d], r[off + d], gy + off, n);
-    }
-    for (int i = 0; i < n; ++i) A[i] = Gf[i] = 0;
-    for (int m = 0; m < chunks; ++m) {
-      const int start = m * chunk, stop = std::min(T_, start + chunk);
-      const T* saved = ckpt + (size_t)m * 2 * n;
-      for (int i = 0; i < n; ++i) Bs[i] = saved[i], Gb[i] = saved[n + i];
-      for (int j = stop - 1; j >= start; --j) {
-        T* slot = rebuilt + (size_t)(j - start) * 2 * n;
-        for (int i = 0; i < n; ++i) slot[i] = Bs[i], slot[n + i] = Gb[i];
-        const size_t off = (size_t)j * n;
-        decay_add(Bs, dd[off + d], k[off + d], v + off, n);
-        decay_add(Gb, dd[off + d], r[off + d], gy + off, n);
-      }
-      for (int j = start; j < stop; ++j) {
-        const T* slot = rebuilt + (size_t)(j - start) * 2 * n;
-        const size_t off = (size_t)j * n;
-        X[off + d] = dot(A, slot + n, n) + dot(slot, Gf, n);
-        decay_add(A, dd[off + d], k[off + d], v + off, n);
-        decay_add(Gf, dd[off + d], r[off + d], gy + off, n);
-      }
+    for (int d = 0; d < n; ++d) {
+      a[d] = dt[d] * a[d] + vc * kt[d];
+      g[d] = dt[d] * g[d] + gc * rt[d];
     }
   }
 }
 
-constexpr int kCrossChunk = 32;
-
-inline size_t cross_work_size(int T_, int n) {
-  return ((size_t)(T_ + kCrossChunk - 1) / kCrossChunk + kCrossChunk) * 2 * n + 4 * (size_t)n;
+inline int bwd_chunk(int T_) {
+  int chunk = 8;
+  while (chunk * chunk < T_ && chunk < 64) chunk *= 2;
+  return chunk;
 }
 
-// Full backward of one (b, h). Outputs dr, dk, dv, X (see decay_cross_terms) and du (this head's share).
+// scratch: 2 n^2 for the backward states, then (chunks + chunk) x 2 n^2 for checkpoints and rebuilt states
+inline size_t bwd_scratch_size(int T_, int n) {
+  const int chunk = bwd_chunk(T_);
+  const size_t chunks = (size_t)(T_ + chunk - 1) / chunk;
+  return (1 + chunks + (size_t)chunk) * 2 * (size_t)n * n;
+}
+
+// Full backward of one (b, h). Outputs dr, dk, dv, X (see above) and du (this head's share).
 template <class T>
 BI_WKV_INLINE void bwd_impl(int T_, int n, const T* r, const T* k, const T* v, const T* gy, const T* dd,
                             const T* u, T* dr, T* dk, T* dv, T* X, T* du, T* scratch) {
-  const size_t tn = (size_t)T_ * n;
-  T* K = scratch;
-  T* G = K + (size_t)n * n;
-  for (size_t i = 0; i < tn; ++i) dr[i] = dk[i] = dv[i] = 0;
+  const size_t tn = (size_t)T_ * n, nn = (size_t)n * n;
+  const int chunk = bwd_chunk(T_), chunks = (T_ + chunk - 1) / chunk;
+  T* A = scratch;                               // the sweep's states (A, G)
+  T* G = A + nn;
+  T* ckpt = G + nn;                             // chunks x (Af, Gf) before the chunk's first token
+  T* rebuilt = ckpt + (size_t)chunks * 2 * nn;  // chunk x (Af, Gf) before each token of the chunk
+  for (size_t i = 0; i < tn; ++i) dr[i] = dk[i] = dv[i] = X[i] = 0;
   for (int d = 0; d < n; ++d) du[d] = 0;
 
   // the bonus of the current token: y_t += (r_t . (u * k_t)) v_t
@@ -217,9 +205,33 @@ BI_WKV_INLINE void bwd_impl(int T_, int n, const T* r, const T* k, const T* v, c
     }
   }
 
-  bwd_direction(T_, n, 0, 1, r, k, v, gy, dd, dr, dk, dv, K, G);
-  bwd_direction(T_, n, T_ - 1, -1, r, k, v, gy, dd, dr, dk, dv, K, G);
-  decay_cross_terms(T_, n, r, k, v, gy, dd, X, scratch, kCrossChunk);
+  // forward sweep: the pairs i < t, checkpointing (Af, Gf)
+  for (size_t i = 0; i < 2 * nn; ++i) A[i] = 0;
+  for (int t = 0; t < T_; ++t) {
+    if (t % chunk == 0) std::copy(A, A + 2 * nn, ckpt + (size_t)(t / chunk) * 2 * nn);
+    const size_t off = (size_t)t * n;
+    bwd_token<T, false>(n, r + off, k + off, v + off, gy + off, dd + off, dr + off, dk + off, dv + off, A, G,
+                        nullptr, nullptr, nullptr);
+  }
+
+  // backward sweep: the pairs i > t, and X from the rebuilt forward states
+  for (size_t i = 0; i < 2 * nn; ++i) A[i] = 0;
+  for (int m = chunks - 1; m >= 0; --m) {
+    const int start = m * chunk, stop = std::min(T_, start + chunk);
+    T* state = rebuilt;
+    std::copy(ckpt + (size_t)m * 2 * nn, ckpt + (size_t)(m + 1) * 2 * nn, state);
+    for (int j = start; j + 1 < stop; ++j, state += 2 * nn) {
+      std::copy(state, state + 2 * nn, state + 2 * nn);
+      const size_t off = (size_t)j * n;
+      update_states(n, r + off, k + off, v + off, gy + off, dd + off, state + 2 * nn, state + 3 * nn);
+    }
+    for (int j = stop - 1; j >= start; --j) {
+      const T* Af = rebuilt + (size_t)(j - start) * 2 * nn;
+      const size_t off = (size_t)j * n;
+      bwd_token<T, true>(n, r + off, k + off, v + off, gy + off, dd + off, dr + off, dk + off, dv + off, A, G,
+                         Af, Af + nn, X + off);
+    }
+  }
 }
 
 BI_WKV_CLONES void fwd_f32(int T_, int n, const float* r, const float* k, const float* v, const float* dd,
@@ -319,7 +331,7 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& r, const at::Tensor
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const size_t tn = (size_t)T_ * n;
     // inputs (r, k, v, gy, dd, w), outputs (dr, dk, dv, X), scan scratch
-    std::vector<acc_t> buf(10 * tn + std::max(2 * (size_t)n * n, cross_work_size((int)T_, (int)n)));
+    std::vector<acc_t> buf(10 * tn + bwd_scratch_size((int)T_, (int)n));
     acc_t *rb = buf.data(), *kb = rb + tn, *vb = kb + tn, *gb = vb + tn, *db = gb + tn, *wb = db + tn;
     acc_t *drb = wb + tn, *dkb = drb + tn, *dvb = dkb + tn, *dlb = dvb + tn, *scratch = dlb + tn;
     for (int64_t bh = begin; bh < end; ++bh) {
