@@ -344,3 +344,21 @@ def test_merge_prompt_validation_and_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"sytem": "S"}))
     with pytest.raises(ValueError, match="unknown: \\['sytem'\\]"):
         MergePrompt.from_file(tmp_path / "bad.json")
+
+
+def test_device_and_dtype_options(data):
+    from rwkv_clip_hf.data.stage import default_device, torch_dtype
+
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch_dtype("auto", "cpu") is torch.float32 and torch_dtype("auto", "cuda") == "auto"
+    assert torch_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype 'half'"):
+        torch_dtype("half", "cpu")
+    model, image_processor, tokenizer = tiny_captioner()
+    captioner = Captioner(
+        model, image_processor, tokenizer=tokenizer, max_new_tokens=3, device="cpu", dtype="bfloat16",
+        generation_kwargs=no_special_tokens(tokenizer),
+    )  # fmt: skip
+    captions = captioner(data.select(range(2))["image"])  # pixel values follow the model's dtype
+    assert captioner.model.dtype == torch.bfloat16 and len(captions) == 2 and all(captions)
+    assert captioner.config()["dtype"] == "bfloat16"

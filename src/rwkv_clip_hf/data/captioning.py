@@ -12,9 +12,9 @@ from .stage import ModelStage, model_device_dtype, rgb_images, to_device
 class Captioner(ModelStage):
     """Captions images with a transformers image-to-text model, in batches.
 
-    Any model `AutoModelForImageTextToText` loads and that `generate`s text from `pixel_values` works: BLIP,
-    GIT, Florence-2, `VisionEncoderDecoderModel` (ViT-GPT2 style), and chat VLMs given a `prompt` their processor
-    accepts.
+    Any model `AutoModelForImageTextToText` loads and that `generate`s text from `pixel_values` is meant to work:
+    BLIP, GIT, Florence-2, `VisionEncoderDecoderModel` (ViT-GPT2 style). A chat VLM would need `prompt` written in
+    its own chat format (with its image token); that is untested.
 
     Args:
         model: a model instance or a directory / Hub id.
