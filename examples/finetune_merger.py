@@ -135,7 +135,9 @@ def main(argv=None) -> dict:
     parser = HfArgumentParser((Arguments, TrainingArguments))
     parser.set_defaults(**DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+    )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
@@ -143,7 +145,10 @@ def main(argv=None) -> dict:
     rows = load_rows(args)
     if args.max_train_samples:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
-    optional = lambda name: name if name in rows.column_names else None  # noqa: E731
+
+    def optional(name):
+        return name if name in rows.column_names else None
+
     instructions = build_instruction_dataset(
         rows,
         target_column=args.target_column,

@@ -7,7 +7,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tiny_models import shapes_with_raw_text, tiny_captioner, tiny_classifier, tiny_llama, tiny_rwkv_clip, word_tokenizer
+from tiny_models import (
+    shapes_with_raw_text,
+    tiny_captioner,
+    tiny_classifier,
+    tiny_llama,
+    tiny_rwkv_clip,
+    word_tokenizer,
+)
 
 from rwkv_clip_hf.data.cli import main, run
 
@@ -59,7 +66,8 @@ def test_cli_end_to_end(saved, tmp_path, capsys):
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"5 rows, columns ['image', 'shape', 'color', 'raw_text', 'synthetic_caption', 'tags', 'generated_description'], written to {output}/dataset" in printed
+    columns = ["image", "shape", "color", "raw_text", "synthetic_caption", "tags", "generated_description"]
+    assert f"5 rows, columns {columns}, written to {output}/dataset" in printed
     assert "caption_columns=['raw_text', 'synthetic_caption', 'generated_description']" in printed
     result = datasets.load_from_disk(str(output / "dataset"))
     assert result["raw_text"][1] == "" and all(isinstance(c, str) for c in result["synthetic_caption"])
@@ -100,7 +108,10 @@ def test_cli_error_messages(saved, tmp_path, caplog):
         ["--dataset", str(tmp_path / "ints"), "--output", str(tmp_path / "o2"), "--captioner", saved["captioner"],
          "--image-column", "photo_id", "--text-column", "alt_text"], caplog,
     )  # fmt: skip
-    assert "'photo_id' holds values of type int64, not images" in message and "image columns of this dataset: none" in message
+    assert (
+        "'photo_id' holds values of type int64, not images" in message
+        and "image columns of this dataset: none" in message
+    )
     message = error_of(base + ["--merger", saved["plain_lm"], "--text-column", "alt_text"], caplog)
     assert "has no chat template" in message and "--chat-template FILE" in message
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -127,7 +127,10 @@ def test_prompts_carry_each_rows_raw_text_caption_and_tags(finished):
         assert [m["role"] for m in conversation] == ["system", "user"]
         assert conversation[0]["content"] == default.system
         user = conversation[1]["content"]
-        assert f"Machine caption (describes what is visible, may be generic or partly wrong): {row['synthetic_caption']}\n" in user
+        assert (
+            f"Machine caption (describes what is visible, may be generic or partly wrong): {row['synthetic_caption']}"
+            "\n" in user
+        )
         assert f"Detected objects and concepts: {', '.join(row['tags'])}\n" in user
         if row["raw_text"]:
             assert f"may be noisy, ungrammatical or incomplete): {row['raw_text']}\n" in user
@@ -145,7 +148,9 @@ def test_images_without_tags_and_rows_without_inputs(models, data):
             return seen[-len(raw_texts) :]
 
     tokenizer = models["merger"].tokenizer
-    merger = Recording(models["merger"].model, tokenizer, max_new_tokens=3, generation_kwargs=no_special_tokens(tokenizer))
+    merger = Recording(
+        models["merger"].model, tokenizer, max_new_tokens=3, generation_kwargs=no_special_tokens(tokenizer)
+    )
     # Tags only, and none clears the threshold: empty lists, typed as lists of strings.
     tags_only = DescriptionPipeline(tagger=models["no_tags"], merger=merger, text_column="alt_text", batch_size=4)
     result = tags_only.process(data)
@@ -153,7 +158,9 @@ def test_images_without_tags_and_rows_without_inputs(models, data):
     assert result.features["tags"] == List(Value("string"))
     assert "synthetic_caption" not in result.column_names
     user = [c[-1]["content"] for c in seen]
-    assert all("Detected objects and concepts: none\n" in u and "Machine caption" in u and ": (none)\n" in u for u in user)
+    assert all(
+        "Detected objects and concepts: none\n" in u and "Machine caption" in u and ": (none)\n" in u for u in user
+    )
     # The blank row has no raw text, no caption and no tags: nothing to describe, the model is not asked.
     assert len(seen) == len(data) - len(BLANK)
     assert [d == "" for d in result["generated_description"]] == [i in BLANK for i in range(len(data))]
@@ -177,7 +184,9 @@ def test_merger_alone_uses_existing_caption_and_tags_columns(models):
 
 
 def test_captioner_alone(models, data):
-    result = DescriptionPipeline(models["captioner"], text_column="alt_text", batch_size=4).process(data.select(range(3)))
+    result = DescriptionPipeline(models["captioner"], text_column="alt_text", batch_size=4).process(
+        data.select(range(3))
+    )
     assert result.column_names == ["image", "shape", "color", "raw_text", "synthetic_caption"]
     direct = models["captioner"](data.select(range(3))["image"])
     assert result["synthetic_caption"] == direct  # batching through datasets.map changes nothing
@@ -299,7 +308,9 @@ def test_zero_shot_tagger_matches_clip_scores(models, data):
     for score, values in (("softmax", probabilities), ("cosine", cosine)):
         threshold = float(values.median())
         tagger = ZeroShotTagger(clip, processor, vocabulary=VOCABULARY, threshold=threshold, top_k=3, score=score)
-        expected = [[VOCABULARY[i] for i in row.argsort(descending=True).tolist() if row[i] >= threshold][:3] for row in values]
+        expected = [
+            [VOCABULARY[i] for i in row.argsort(descending=True).tolist() if row[i] >= threshold][:3] for row in values
+        ]
         assert tagger(images) == expected
 
 
@@ -319,7 +330,9 @@ def test_merger_prompt_handling(models):
     with pytest.raises(ValueError, match="has no chat template.*--chat-template"):
         merger.load()
     # A template that rejects the system role: the system message goes into the user turn.
-    folded = DescriptionMerger(models["merger"].model, word_tokenizer(chat_template=NO_SYSTEM_TEMPLATE), max_new_tokens=2)
+    folded = DescriptionMerger(
+        models["merger"].model, word_tokenizer(chat_template=NO_SYSTEM_TEMPLATE), max_new_tokens=2
+    )
     assert len(folded(["a red circle"], ["a circle"], [["red"]])) == 1
     text = render_chat(folded.tokenizer, folded.conversations(["x"], ["y"], [[]]), add_generation_prompt=True)[0]
     assert "<|system|>" not in text and text.startswith(f"<|user|> {MergePrompt().system}\n\n")

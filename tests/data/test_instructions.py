@@ -47,7 +47,9 @@ def test_instruction_rows_use_the_merger_prompt():
     for messages, asked, target in zip(instructions["messages"], expected, ROWS["generated_description"]):
         assert messages[:-1] == asked
         assert messages[-1] == {"role": "assistant", "content": target}
-    assert "red circle by Ann, 2019" in expected[0][1]["content"] and prompt.empty_raw_text in expected[1][1]["content"]
+    assert (
+        "red circle by Ann, 2019" in expected[0][1]["content"] and prompt.empty_raw_text in expected[1][1]["content"]
+    )
     kept = build_instruction_dataset(rows, prompt=prompt, keep_columns=True, caption_column=None)
     assert kept.column_names == [*ROWS, "messages"]
     assert prompt.empty_caption in kept[0]["messages"][1]["content"]  # no caption column: the prompt says so
@@ -86,7 +88,9 @@ def test_labels_cover_only_the_answer_and_the_prompt_is_the_generation_prompt():
     assert len(tokenize_instruction_dataset(dataset, tokenizer, max_length=None)) == 2
     assert len(tokenize_instruction_dataset(dataset, tokenizer, max_length=prompt_length - 3)) == 0
 
-    tokenizer.chat_template = tokenizer.chat_template.replace("<|assistant|> {% endif %}", "<|assistant|>: {% endif %}")
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "<|assistant|> {% endif %}", "<|assistant|>: {% endif %}"
+    )
     with pytest.raises(ValueError, match="not a prefix"):
         tokenize_conversation(messages, tokenizer)
 

@@ -116,7 +116,9 @@ def tiny_classifier(seed: int = 0, multi_label: bool = False):
         label2id={n: i for i, n in enumerate(CLASSIFIER_LABELS)},
         problem_type="multi_label_classification" if multi_label else None,
     )  # fmt: skip
-    return ViTForImageClassification(config).eval(), ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return ViTForImageClassification(config).eval(), ViTImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
 
 
 def tiny_rwkv_clip(seed: int = 3):

@@ -62,7 +62,9 @@ class Captioner(ModelStage):
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(self.source, **self.pretrained_kwargs())
         except ValueError as error:  # "Unrecognized configuration class ..."
-            raise ValueError(f"--captioner {self.source}: cannot be loaded as an image-to-text model ({error})") from None
+            raise ValueError(
+                f"--captioner {self.source}: cannot be loaded as an image-to-text model ({error})"
+            ) from None
         self._complete_instance()
 
     def _complete_instance(self) -> None:
@@ -70,16 +72,21 @@ class Captioner(ModelStage):
         if self.processor is None:
             if not name:
                 raise ValueError("Captioner: give the processor of a model passed as an instance")
-            self.processor, self.tokenizer = _load_processor(name, self.tokenizer, self.revision, self.trust_remote_code)
+            self.processor, self.tokenizer = _load_processor(
+                name, self.tokenizer, self.revision, self.trust_remote_code
+            )
 
     def _check(self) -> None:
         if not hasattr(self.model, "generate"):
             raise ValueError(f"Captioner: {type(self.model).__name__} cannot generate text")
         if _decoder(self.processor, self.tokenizer) is None:
-            raise ValueError(f"Captioner: no tokenizer to decode {type(self.model).__name__}'s output; pass tokenizer=")
+            raise ValueError(
+                f"Captioner: no tokenizer to decode {type(self.model).__name__}'s output; pass tokenizer="
+            )
         if self.prompt and not _takes_text(self.processor):
             raise ValueError(
-                f"Captioner: a prompt needs a processor that takes text; {type(self.processor).__name__} takes images only"
+                "Captioner: a prompt needs a processor that takes text; "
+                f"{type(self.processor).__name__} takes images only"
             )
 
     @torch.inference_mode()

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--prompt-file",
         default=None,
-        help="the merger's prompt: a JSON object {\"system\": ..., \"template\": ...} or a text file holding the "
+        help='the merger\'s prompt: a JSON object {"system": ..., "template": ...} or a text file holding the '
         "template; the template uses {raw_text}, {caption} and {tags}",
     )
     merge.add_argument("--chat-template", default=None, help="a Jinja chat template file, for models without one")
@@ -148,7 +148,12 @@ def build_pipeline(args):
             elif args.tag_score == "cosine":
                 limits["threshold"] = 0.25
             tagger = ZeroShotTagger(
-                args.tagger, vocabulary=vocabulary, template=args.tag_template, score=args.tag_score, **limits, **common
+                args.tagger,
+                vocabulary=vocabulary,
+                template=args.tag_template,
+                score=args.tag_score,
+                **limits,
+                **common,
             )
         else:
             if args.tag_threshold is not None:
@@ -192,10 +197,10 @@ def run(argv: list[str] | None = None):
     result = pipeline.run(data, args.output, resume=args.resume, overwrite=args.overwrite)
     final = f"{args.output.rstrip('/')}/dataset"
     print(f"{len(result)} rows, columns {result.column_names}, written to {final}")
+    captions = [c for c in pipeline.columns.caption_columns if c in result.column_names]
     print(
-        "train on it: dataset = datasets.load_from_disk(%r); dataset.set_transform(ContrastiveTransform(processor, "
-        "image_column=%r, caption_columns=%r))"
-        % (final, args.image_column, [c for c in pipeline.columns.caption_columns if c in result.column_names])
+        f"train on it: dataset = datasets.load_from_disk({final!r}); dataset.set_transform(ContrastiveTransform("
+        f"processor, image_column={args.image_column!r}, caption_columns={captions!r}))"
     )
     return result
 

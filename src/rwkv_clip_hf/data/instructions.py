@@ -49,7 +49,9 @@ def build_instruction_dataset(
     prompt = prompt or MergePrompt()
     wanted = {"target": target_column, "raw text": raw_text_column, "caption": caption_column, "tags": tags_column}
     missing = [
-        f"{what} column {name!r}" for what, name in wanted.items() if name is not None and name not in dataset.column_names
+        f"{what} column {name!r}"
+        for what, name in wanted.items()
+        if name is not None and name not in dataset.column_names
     ]
     if missing:
         raise ValueError(f"no such column: {', '.join(missing)}; the dataset's columns are {dataset.column_names}")
@@ -83,6 +85,7 @@ def build_instruction_dataset(
     return dataset.select_columns(inputs).map(
         to_messages, batched=True, remove_columns=inputs, desc="building instructions"
     )
+
 
 def tokenize_conversation(messages: list[dict], tokenizer, max_length: int | None = None) -> dict:
     """Token ids and labels of one conversation that ends with the assistant's answer.

@@ -33,7 +33,8 @@ class DescriptionMerger(ModelStage):
 
     Args:
         model: a causal LM instance or a directory / Hub id (`AutoModelForCausalLM`), instruction-tuned.
-        tokenizer: its tokenizer (`AutoTokenizer` from the model's name if omitted); it needs a chat template.
+        tokenizer: its tokenizer (`AutoTokenizer` from the model's name if omitted); it needs a chat template. One
+            without a pad token is given its EOS token as pad token.
         prompt: a `MergePrompt` (default: this project's instruction, see `prompts.DEFAULT_TEMPLATE`).
         max_new_tokens: description length limit (default 128).
         generation_kwargs: more `generate` arguments (`do_sample=True, temperature=0.7`, `repetition_penalty`, ...).
@@ -108,9 +109,7 @@ class DescriptionMerger(ModelStage):
         if not hasattr(self.model, "generate"):
             raise ValueError(f"DescriptionMerger: {type(self.model).__name__} cannot generate text")
 
-    def conversations(
-        self, raw_texts: Sequence, captions: Sequence, tags: Sequence
-    ) -> list[list[dict]]:
+    def conversations(self, raw_texts: Sequence, captions: Sequence, tags: Sequence) -> list[list[dict]]:
         """The chat messages of each row (what the model is asked)."""
         return [self.prompt.messages(r, c, t) for r, c, t in zip(raw_texts, captions, tags, strict=True)]
 
@@ -130,9 +129,7 @@ class DescriptionMerger(ModelStage):
             [raw_texts[i] for i in todo], [captions[i] for i in todo], [tags[i] for i in todo]
         )
         texts = render_chat(self.tokenizer, conversations, add_generation_prompt=True)
-        batch = self.tokenizer(
-            texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
-        )
+        batch = self.tokenizer(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
         device, _ = model_device_dtype(self.model)
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         kwargs = {

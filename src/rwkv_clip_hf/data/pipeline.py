@@ -206,7 +206,9 @@ class DescriptionPipeline:
             def merge(batch):
                 rows = len(next(iter(batch.values())))
                 empty = [None] * rows
-                return merger(batch.get(cols.raw_text, empty), batch.get(cols.caption, empty), batch.get(cols.tags, empty))
+                return merger(
+                    batch.get(cols.raw_text, empty), batch.get(cols.caption, empty), batch.get(cols.tags, empty)
+                )
 
             part = self._add_column(part, cols.description, Value("string"), inputs, merge, f"merging{label}")
         return part
@@ -336,7 +338,8 @@ class DescriptionPipeline:
                 if differences:
                     raise ValueError(
                         f"--output {output} holds a run with a different configuration or input, so its shards "
-                        "cannot be reused:\n  " + "\n  ".join(differences[:20])
+                        "cannot be reused:\n  "
+                        + "\n  ".join(differences[:20])
                         + ("\n  ..." if len(differences) > 20 else "")
                         + "\npass --overwrite to start over, or choose another --output"
                     )
@@ -428,4 +431,4 @@ def _write_json_atomically(path: Path, value: dict) -> None:
     os.replace(temporary, path)
 
 
-__all__ = ["DescriptionPipeline", "OutputColumns", "MANIFEST", "FINAL", "SHARDS"]
+__all__ = ["FINAL", "MANIFEST", "SHARDS", "DescriptionPipeline", "OutputColumns"]

@@ -150,7 +150,12 @@ class ModelStage:
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description of everything that determines this step's outputs (recorded in the
         pipeline's manifest; a resumed run must match it)."""
-        return {"step": type(self).__name__, "model": self.model_identity(), "dtype": str(self.dtype), **self.settings()}
+        return {
+            "step": type(self).__name__,
+            "model": self.model_identity(),
+            "dtype": str(self.dtype),
+            **self.settings(),
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source or type(self.model).__name__!r})"

@@ -13,7 +13,9 @@ from ..evaluation.features import encode_texts, pooled
 from .stage import ModelStage, model_device_dtype, rgb_images, to_device
 
 
-def select_tags(scores: torch.Tensor, labels: Sequence[str], threshold: float | None, top_k: int | None) -> list[list[str]]:
+def select_tags(
+    scores: torch.Tensor, labels: Sequence[str], threshold: float | None, top_k: int | None
+) -> list[list[str]]:
     """Per row of `scores` (images x labels): the labels scoring at least `threshold`, best first, at most
     `top_k` of them (None: no limit of that kind). Labels that are blank are never returned."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
