@@ -118,30 +118,18 @@ BI_WKV_INLINE void bwd_token(int n, const T* __restrict rt, const T* __restrict 
     T* __restrict a = A + (size_t)c * n;
     T* __restrict g = G + (size_t)c * n;
     const T gc = gt[c], vc = vt[c];
+    const T* __restrict xa = kCross ? Xa + (size_t)c * n : nullptr;
+    const T* __restrict xg = kCross ? Xg + (size_t)c * n : nullptr;
     T acc = 0;
-    if constexpr (kCross) {
-      const T* __restrict xa = Xa + (size_t)c * n;
-      const T* __restrict xg = Xg + (size_t)c * n;
 #pragma omp simd reduction(+ : acc)
-      for (int d = 0; d < n; ++d) {
-        const T ad = a[d], gd = g[d];
-        acc += kt[d] * gd;
-        drt[d] += gc * ad;
-        dkt[d] += vc * gd;
-        X[d] += xa[d] * gd + ad * xg[d];
-        a[d] = dt[d] * ad + vc * kt[d];
-        g[d] = dt[d] * gd + gc * rt[d];
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int d = 0; d < n; ++d) {
-        const T ad = a[d], gd = g[d];
-        acc += kt[d] * gd;
-        drt[d] += gc * ad;
-        dkt[d] += vc * gd;
-        a[d] = dt[d] * ad + vc * kt[d];
-        g[d] = dt[d] * gd + gc * rt[d];
-      }
+    for (int d = 0; d < n; ++d) {
+      const T ad = a[d], gd = g[d];
+      acc += kt[d] * gd;
+      drt[d] += gc * ad;
+      dkt[d] += vc * gd;
+      if constexpr (kCross) X[d] += xa[d] * gd + ad * xg[d];
+      a[d] = dt[d] * ad + vc * kt[d];
+      g[d] = dt[d] * gd + gc * rt[d];
     }
     dvt[c] += acc;
   }

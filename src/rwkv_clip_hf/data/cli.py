@@ -207,15 +207,9 @@ def run(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `rwkv-clip-data`; returns the exit status."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rwkv_clip_hf").setLevel(logging.INFO)
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as error:
-        logger.error("%s", error)
-        return 2
-    return 0
+    from ..evaluation.cli import console_entry
+
+    return console_entry(run, argv)
 
 
 if __name__ == "__main__":

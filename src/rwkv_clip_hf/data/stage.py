@@ -129,6 +129,18 @@ class ModelStage:
     def _complete_instance(self) -> None:
         """Fill in what a model passed as an instance lacks (e.g. load its processor by name)."""
 
+    def _load_companion(self, auto_class: str, what: str):
+        """The processor (or image processor) saved with the model: `transformers.<auto_class>.from_pretrained`
+        of the model's source or `name_or_path`; a clear error for an in-memory model that has neither."""
+        import transformers
+
+        name = self.source or getattr(self.model, "name_or_path", None)
+        if not name:
+            raise ValueError(f"{type(self).__name__}: give the {what} of a model passed as an instance")
+        return getattr(transformers, auto_class).from_pretrained(
+            name, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
+
     def _check(self) -> None:
         """Validate the loaded model; raise a `ValueError` saying what is wrong."""
 

@@ -110,14 +110,7 @@ class ClassifierTagger(ModelStage):
 
     def _complete_instance(self) -> None:
         if self.image_processor is None:
-            from transformers import AutoImageProcessor
-
-            name = self.source or getattr(self.model, "name_or_path", None)
-            if not name:
-                raise ValueError("ClassifierTagger: give the image processor of a model passed as an instance")
-            self.image_processor = AutoImageProcessor.from_pretrained(
-                name, revision=self.revision, trust_remote_code=self.trust_remote_code
-            )
+            self.image_processor = self._load_companion("AutoImageProcessor", "image processor")
 
     def _check(self) -> None:
         id2label = getattr(self.model.config, "id2label", None) or {}
@@ -224,14 +217,7 @@ class ZeroShotTagger(ModelStage):
 
     def _complete_instance(self) -> None:
         if self.processor is None:
-            from transformers import AutoProcessor
-
-            name = self.source or getattr(self.model, "name_or_path", None)
-            if not name:
-                raise ValueError("ZeroShotTagger: give the processor of a model passed as an instance")
-            self.processor = AutoProcessor.from_pretrained(
-                name, revision=self.revision, trust_remote_code=self.trust_remote_code
-            )
+            self.processor = self._load_companion("AutoProcessor", "processor")
 
     def _check(self) -> None:
         for method in ("get_image_features", "get_text_features"):

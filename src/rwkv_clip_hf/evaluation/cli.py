@@ -243,11 +243,17 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `rwkv-clip-eval`; returns the exit status."""
+    return console_entry(run, argv)
+
+
+def console_entry(run_fn, argv: list[str] | None = None) -> int:
+    """Runs a CLI's `run(argv)` with INFO logging; a `ValueError` / `FileNotFoundError` is printed as one error
+    line and exit status 2 instead of a traceback."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rwkv_clip_hf").setLevel(logging.INFO)
     try:
-        run(argv)
+        run_fn(argv)
     except (ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
