@@ -6,7 +6,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from tiny_models import (
     shapes_with_raw_text,
     tiny_captioner,
@@ -22,12 +21,7 @@ from rwkv_clip_hf.data.cli import main, run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,7 @@ VOCABULARY = ["circle", "square", "triangle", "red thing", "blue thing", "star"]
 BLANK = (2,)  # the row without raw text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
