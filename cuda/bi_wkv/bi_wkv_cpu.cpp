@@ -1,7 +1,8 @@
-// Bi-WKV on the CPU: parallel over batch x heads, one (N, N) state per task that stays in L1.
+// Bi-WKV on the CPU: parallel over batch x heads, (N, N) states per task.
 //
-// Per token and state row d the work is a handful of contiguous length-N loops (axpy and dot products)
-// over the value channels, written so that the compiler vectorises them; the hot loops are compiled
+// Per token and state row the work is a handful of contiguous length-N loops (axpys, element-wise updates,
+// few dot products), written so that the compiler vectorises them: the forward's rows run over the value
+// channels, the backward's over the key channels (value-major states, see bwd_token). The hot loops are compiled
 // for AVX-512, AVX2+FMA and the x86-64 baseline and picked at run time (GCC target_clones), so one
 // build runs everywhere. Inputs are gathered per task into contiguous accumulation-type buffers first,
 // so the hot code never sees the (B, T, H, N) strides or the storage dtype.
