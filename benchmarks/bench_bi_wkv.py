@@ -1,5 +1,7 @@
 """Bi-WKV: the prebuilt kernel against the PyTorch chunked path (CPU) and against a one-thread-per-channel
-CUDA implementation of the original design (GPU, when one is present).
+CUDA implementation of the original design (GPU, when one is present), forward and forward+backward, with the
+achieved memory bandwidth as a share of the device's peak. The original-design reference is checked against the
+float64 recurrence (forward and every gradient) before it is timed.
 
     python benchmarks/bench_bi_wkv.py --quick     # batch 2, fewer repeats
     python benchmarks/bench_bi_wkv.py             # batch 8
@@ -86,22 +88,29 @@ def bench_cpu(batch, repeats):
             )
 
 
-# The original design, written for this benchmark: one thread per value channel c of one (batch, head),
-# the column S[:, c] of the state in registers, a serial loop over T per direction, r/k/w re-read from
-# global memory at every step. Forward only: the backward of that design needs a T-sized array per thread.
+# The original design, written for this benchmark (not copied): one thread per channel of one (batch, head), its
+# state row or column in registers, serial loops over T, every other channel's inputs re-read from global memory
+# at each step.
+# * Forward: thread c (a value channel) keeps the column S[:, c] and sweeps T forwards, then backwards.
+# * Backward: dv is the forward with (r, k, v) -> (k, r, dy) (the decay products are symmetric), so it reuses
+#   the forward kernel. Thread d (a key channel) computes dr, dk, du and dw in three serial passes: forwards
+#   with the row d of the states of k v^T and r dy^T, backwards with the other two, and a last pass over a
+#   T-long per-thread scratch array in global memory (the design's T-sized array per thread). dw is the
+#   difference of prefix and suffix sums of per-step scalars, as in one-thread-per-channel RWKV kernels.
 ORIGINAL_DESIGN_CUDA = r"""
 #include <torch/extension.h>
 template <int N>
-__global__ void one_thread_per_channel(const float* r, const float* k, const float* v, const float* w,
-                                       const float* u, float* y, int T, int H) {
-  const int bh = blockIdx.x, c = threadIdx.x, b = bh / H, h = bh % H;
-  const long base = ((long)b * T * H + h) * N, stride = (long)H * N;
+__global__ void forward_per_value_channel(const float* r, const float* k, const float* v, const float* w,
+                                          const float* u, float* y, int T, int H) {
+  const int bh = blockIdx.x, c = threadIdx.x, h = bh % H;
+  const long base = ((long)(bh / H) * T * H + h) * N, stride = (long)H * N;
   float S[N];
   for (int d = 0; d < N; ++d) S[d] = 0.f;
   for (int t = 0; t < T; ++t) {
     const long o = base + t * stride;
     float acc = 0.f;
     const float vc = v[o + c];
+#pragma unroll
     for (int d = 0; d < N; ++d) {
       acc += r[o + d] * (S[d] + u[h * N + d] * k[o + d] * vc);
       S[d] = expf(-expf(w[o + d])) * S[d] + k[o + d] * vc;
@@ -113,6 +122,7 @@ __global__ void one_thread_per_channel(const float* r, const float* k, const flo
     const long o = base + t * stride;
     float acc = 0.f;
     const float vc = v[o + c];
+#pragma unroll
     for (int d = 0; d < N; ++d) {
       acc += r[o + d] * S[d];
       S[d] = expf(-expf(w[o + d])) * S[d] + k[o + d] * vc;
@@ -120,17 +130,119 @@ __global__ void one_thread_per_channel(const float* r, const float* k, const flo
     y[o + c] += acc;
   }
 }
+
+// Thread d, per step t: q_t = r_t[d] sum_c dy_t[c] A_t[d,c] (A: forward state of k v^T before t), p_t =
+// k_t[d] sum_c v_t[c] C_t[d,c] (C: backward state of r dy^T after t), and q'_t, p'_t likewise with the other
+// direction's states B, D. d log(decay_j) = sum_{t>j} q_t - sum_{s>=j} p_s + sum_{t<j} q'_t - sum_{s<=j} p'_s.
+template <int N>
+__global__ void backward_per_key_channel(const float* r, const float* k, const float* v, const float* w,
+                                         const float* u, const float* dy, float* dr, float* dk, float* dw,
+                                         float* du, float* scratch, int T, int H) {
+  const int bh = blockIdx.x, d = threadIdx.x, h = bh % H;
+  const long base = ((long)(bh / H) * T * H + h) * N, stride = (long)H * N;
+  const float ud = u[h * N + d];
+  float A[N], D[N];
+  float du_acc = 0.f, prefix_p2 = 0.f;
+  for (int c = 0; c < N; ++c) A[c] = D[c] = 0.f;
+  for (int t = 0; t < T; ++t) {  // forwards: A (k v^T), D (r dy^T)
+    const long o = base + t * stride;
+    const float rd = r[o + d], kd = k[o + d], ed = expf(-expf(w[o + d]));
+    float gA = 0.f, gv = 0.f, vD = 0.f;
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+      const float g = dy[o + c], vc = v[o + c];
+      gA += g * A[c];
+      gv += g * vc;
+      vD += vc * D[c];
+      A[c] = ed * A[c] + kd * vc;
+      D[c] = ed * D[c] + rd * g;
+    }
+    dr[o + d] = gA + ud * kd * gv;
+    dk[o + d] = vD + ud * rd * gv;
+    du_acc += rd * kd * gv;
+    scratch[o + d] = rd * gA;     // q_t
+    prefix_p2 += kd * vD;         // sum_{s<=t} p'_s
+    dw[o + d] = -prefix_p2;
+  }
+  du[bh * N + d] = du_acc;
+  float B[N], C[N];
+  float suffix_q = 0.f, suffix_p = 0.f, suffix_q2 = 0.f;
+  for (int c = 0; c < N; ++c) B[c] = C[c] = 0.f;
+  for (int t = T - 1; t >= 0; --t) {  // backwards: B (k v^T), C (r dy^T)
+    const long o = base + t * stride;
+    const float rd = r[o + d], kd = k[o + d], ed = expf(-expf(w[o + d]));
+    float gB = 0.f, vC = 0.f;
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+      const float g = dy[o + c], vc = v[o + c];
+      gB += g * B[c];
+      vC += vc * C[c];
+      B[c] = ed * B[c] + kd * vc;
+      C[c] = ed * C[c] + rd * g;
+    }
+    dr[o + d] += gB;
+    dk[o + d] += vC;
+    suffix_p += kd * vC;          // sum_{s>=t} p_s
+    suffix_q2 += rd * gB;         // sum_{s>=t} q'_s
+    dw[o + d] += suffix_q - suffix_p - suffix_q2;
+    suffix_q += scratch[o + d];   // sum_{s>t} q_s for the next (earlier) step
+  }
+  for (int t = 0; t < T; ++t) {  // + sum of all q'_t; d log(decay) / d w = -exp(w)
+    const long o = base + t * stride;
+    const float ew = expf(w[o + d]);
+    dw[o + d] = (dw[o + d] + suffix_q2) * -ew;
+  }
+}
+
+#define DISPATCH(N_, launch) if (N == N_) { launch(N_); } else
+#define LAUNCH_FORWARD(N_) forward_per_value_channel<N_><<<B * H, N_>>>(r.data_ptr<float>(), k.data_ptr<float>(), \
+    v.data_ptr<float>(), w.data_ptr<float>(), u.data_ptr<float>(), y.data_ptr<float>(), T, H)
+#define LAUNCH_BACKWARD(N_) backward_per_key_channel<N_><<<B * H, N_>>>(r.data_ptr<float>(), k.data_ptr<float>(), \
+    v.data_ptr<float>(), w.data_ptr<float>(), u.data_ptr<float>(), dy.data_ptr<float>(), dr.data_ptr<float>(), \
+    dk.data_ptr<float>(), dw.data_ptr<float>(), du.data_ptr<float>(), scratch.data_ptr<float>(), T, H)
+
 torch::Tensor original_design(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
   auto y = torch::empty_like(r);
   const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
-  if (N == 64) one_thread_per_channel<64><<<B * H, 64>>>(r.data_ptr<float>(), k.data_ptr<float>(),
-      v.data_ptr<float>(), w.data_ptr<float>(), u.data_ptr<float>(), y.data_ptr<float>(), T, H);
-  else if (N == 80) one_thread_per_channel<80><<<B * H, 80>>>(r.data_ptr<float>(), k.data_ptr<float>(),
-      v.data_ptr<float>(), w.data_ptr<float>(), u.data_ptr<float>(), y.data_ptr<float>(), T, H);
-  else TORCH_CHECK(false, "head size 64 or 80");
+  DISPATCH(64, LAUNCH_FORWARD) DISPATCH(80, LAUNCH_FORWARD) TORCH_CHECK(false, "head size 64 or 80");
   return y;
 }
+
+// (dr, dk, dv, dw, du): dv by the forward kernel on (k, r, dy); du summed over the batch
+std::vector<torch::Tensor> original_design_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                                    torch::Tensor u, torch::Tensor dy) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  auto dr = torch::empty_like(r), dk = torch::empty_like(r), dw = torch::empty_like(r), scratch = torch::empty_like(r);
+  auto du = torch::empty({B, H, N}, r.options());
+  DISPATCH(64, LAUNCH_BACKWARD) DISPATCH(80, LAUNCH_BACKWARD) TORCH_CHECK(false, "head size 64 or 80");
+  auto dv = original_design(k, r, dy, w, u);
+  return {dr, dk, dv, dw, du.sum(0)};
+}
 """
+ORIGINAL_DESIGN_FUNCTIONS = ["original_design", "original_design_backward"]
+
+
+def check_original_design(original, repeats=1):
+    """The benchmark's reference must be right before it is timed: forward and backward against the float64
+    naive recurrence, at both head sizes and a few lengths (raises if not)."""
+    from rwkv_clip_hf.ops.bi_wkv import naive_bi_wkv
+
+    worst = 0.0
+    for heads, size in WIDTHS.values():
+        for seq_len in (1, 2, 49, 77):
+            xs = inputs(2, seq_len, heads, size, "cuda")
+            dy = torch.randn_like(xs[0])
+            exact = [x.detach().double().requires_grad_() for x in xs]
+            y64 = naive_bi_wkv(*exact)
+            grads64 = torch.autograd.grad(y64, exact, dy.double())
+            got = [original.original_design(*xs)] + list(original.original_design_backward(*xs, dy))
+            for name, value, expected in zip(("y", "dr", "dk", "dv", "dw", "du"), got, [y64, *grads64]):
+                error = ((value.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+                worst = max(worst, error)
+                if error > 1e-4:
+                    raise AssertionError(f"original-design {name} wrong at T={seq_len}, N={size}: relative error {error:.2e}")
+    print(f"original-design reference checked against float64 (forward and backward): max relative error {worst:.1e}")
+
 
 # HBM bandwidth of the devices we may be lent, bytes/s (SXM parts)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -141,33 +253,42 @@ def bench_cuda(batch, repeats):
 
     kernel = load_kernel("cuda")
     original = load_inline(
-        "bi_wkv_original_design", cpp_sources="", cuda_sources=ORIGINAL_DESIGN_CUDA, functions=["original_design"]
+        "bi_wkv_original_design", cpp_sources="", cuda_sources=ORIGINAL_DESIGN_CUDA, functions=ORIGINAL_DESIGN_FUNCTIONS
     )
+    check_original_design(original)
     name = torch.cuda.get_device_name()
     peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
     sync = torch.cuda.synchronize
-    print(f"\nCUDA, {name}, batch {batch}")
+    print(f"\nCUDA, {name}, batch {batch}; the original design computes in float32 only")
     print(
         f"{'width':16} {'T':>5} {'dtype':>8} | {'fwd orig':>9} {'fwd ours':>9} {'x':>5} | "
-        f"{'f+b ours':>9} {'GB/s fwd':>9} {'of peak':>7}"
+        f"{'f+b orig':>9} {'f+b ours':>9} {'x':>5} | {'GB/s fwd':>9} {'of peak':>7} {'GB/s f+b':>9} {'of peak':>7}"
     )
+    share = (lambda bandwidth: f"{bandwidth / peak:7.0%}") if peak else (lambda bandwidth: "      ?")
     for label, (heads, size) in WIDTHS.items():
         for seq_len in SEQ_LENS:
             xs = inputs(batch, seq_len, heads, size, "cuda")
+            dy = torch.ones_like(xs[0])  # what fwd_bwd's .sum().backward() feeds our kernel
             with torch.no_grad():
                 t_orig = timed(lambda: original.original_design(*xs), repeats, sync)
-                for dtype in (torch.float32, torch.bfloat16):
-                    ys = [x.to(dtype) if i < 4 else x for i, x in enumerate(xs)]
+                t_orig_fb = timed(
+                    lambda: (original.original_design(*xs), original.original_design_backward(*xs, dy)), repeats, sync
+                )
+            for dtype in (torch.float32, torch.bfloat16):
+                ys = [x.to(dtype) if i < 4 else x for i, x in enumerate(xs)]
+                with torch.no_grad():
                     t_ours = timed(lambda: kernel.bi_wkv(*ys), repeats, sync)
-                    gx = [x.detach().clone().requires_grad_() for x in ys]
-                    t_fb = timed(fwd_bwd(kernel.bi_wkv, gx), repeats, sync)
-                    moved = 5 * xs[0].numel() * ys[0].element_size()  # r, k, v, w in, y out
-                    bandwidth = moved / (t_ours * 1e-3)
-                    share = f"{bandwidth / peak:7.0%}" if peak else "      ?"
-                    print(
-                        f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | {t_orig:9.3f} {t_ours:9.3f} "
-                        f"{t_orig / t_ours:5.1f} | {t_fb:9.3f} {bandwidth / 1e9:9.0f} {share}"
-                    )
+                gx = [x.detach().clone().requires_grad_() for x in ys]
+                t_fb = timed(fwd_bwd(kernel.bi_wkv, gx), repeats, sync)
+                tensor_bytes = xs[0].numel() * ys[0].element_size()
+                forward_bw = 5 * tensor_bytes / (t_ours * 1e-3)  # r, k, v, w in, y out
+                # + backward: r, k, v, w, dy in, dr, dk, dv, dw out
+                both_bw = 14 * tensor_bytes / (t_fb * 1e-3)
+                print(
+                    f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | {t_orig:9.3f} {t_ours:9.3f} {t_orig / t_ours:5.1f} | "
+                    f"{t_orig_fb:9.3f} {t_fb:9.3f} {t_orig_fb / t_fb:5.1f} | "
+                    f"{forward_bw / 1e9:9.0f} {share(forward_bw)} {both_bw / 1e9:9.0f} {share(both_bw)}"
+                )
 
 
 def main():
