@@ -13,6 +13,12 @@ does with raw text / synthetic caption / generated description):
         --dataset_name my/dataset --image_column image --caption_columns raw_text caption description \
         --learning_rate 1e-5 --per_device_train_batch_size 128 --bf16
 
+Hard negatives: batches made of whole groups of rows that share a column's value, e.g. generated scenes of
+6 images that differ in shape only (how the bundled default model is trained):
+
+    python examples/train_contrastive.py --output_dir runs/scenes --generate_shapes 2000 --shapes_scene_size 6 \
+        --group_by_column scene --config_name tiny --num_train_epochs 3 --per_device_train_batch_size 64
+
 Several processes (the contrastive loss is then over the global batch of all ranks):
 
     torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
@@ -84,6 +90,14 @@ class DataArguments:
     exclude_held_out_pairs: bool = field(
         default=False, metadata={"help": "With --generate_shapes: leave rwkv_clip_hf.shapes.held_out_pairs() out."}
     )
+    shapes_scene_size: int = field(
+        default=1,
+        metadata={"help": "With --generate_shapes: scenes of up to this many images that differ in shape only "
+                  "(a 'scene' column; combine with --group_by_column scene for hard-negative batches)."},
+    )
+    group_by_column: str | None = field(
+        default=None, metadata={"help": "Keep rows that share this column's value in one batch (hard negatives)."}
+    )
     image_column: str = field(default="image")
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     caption_probabilities: list[float] | None = field(default=None)
@@ -117,7 +131,8 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
     if data_args.generate_shapes:
         excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
         dataset = make_shapes_dataset(
-            data_args.generate_shapes, seed=seed, image_size=max(image_size, 64), exclude_pairs=excluded
+            data_args.generate_shapes, seed=seed, image_size=max(image_size, 64), exclude_pairs=excluded,
+            scene_size=data_args.shapes_scene_size,
         )
     elif data_args.dataset_name:
         if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):
@@ -128,7 +143,8 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
             dataset = dataset[data_args.train_split]
     else:
         raise SystemExit("give --dataset_name or --generate_shapes N")
-    missing = [c for c in [data_args.image_column, *data_args.caption_columns] if c not in dataset.column_names]
+    wanted = [data_args.image_column, *data_args.caption_columns] + ([data_args.group_by_column] if data_args.group_by_column else [])
+    missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
         raise SystemExit(f"columns {missing} not in the dataset (it has {dataset.column_names})")
     if data_args.max_train_samples:
@@ -176,6 +192,7 @@ def main():
         train_dataset=train,
         eval_dataset=validation,
         data_collator=ContrastiveCollator(processor.tokenizer),
+        group_by_column=data_args.group_by_column,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)

@@ -18,6 +18,7 @@ from rwkv_clip_hf.training import (
     ClassificationTransform,
     ContrastiveCollator,
     ContrastiveTransform,
+    GroupedRandomSampler,
     LogitScaleClampCallback,
     RWKVCLIPTrainer,
     classification_collator,
@@ -74,9 +75,9 @@ def test_contrastive_loss_falls_under_trainer(tmp_path, processor, shapes):
     assert 0.0 <= model.logit_scale.item() <= math.log(100) + 1e-6
 
 
-def test_trainer_weight_decay_groups():
+def test_trainer_weight_decay_groups(tmp_path):
     model = RWKVCLIPModel(real_vocab_config())
-    trainer = RWKVCLIPTrainer(model=model, args=paper_training_arguments("unused", use_cpu=True))
+    trainer = RWKVCLIPTrainer(model=model, args=paper_training_arguments(str(tmp_path), use_cpu=True))
     decay = set(trainer.get_decay_parameter_names(model))
     assert "logit_scale" not in decay
     assert "vision_model.encoder.layers.0.norm1.weight" not in decay
@@ -85,6 +86,44 @@ def test_trainer_weight_decay_groups():
     assert "text_model.encoder.layers.0.token_mix.key.weight" in decay
     assert "text_model.encoder.layers.0.token_mix.time_decay" in decay
     assert any(isinstance(cb, LogitScaleClampCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_grouped_sampler_keeps_groups_together_and_reshuffles_per_epoch():
+    groups = ["a", "b", "a", "c", "b", "a", "d"]  # members need not be adjacent
+    sampler = GroupedRandomSampler(groups, seed=3)
+    orders = [list(sampler) for _ in range(6)]
+    for order in orders:
+        assert sorted(order) == list(range(len(groups)))
+        keys = [groups[i] for i in order]
+        runs = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+        assert sorted(runs) == ["a", "b", "c", "d"]  # every group in one run
+    assert len({tuple(o) for o in orders}) > 1  # a new order each epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == orders[0]  # reproducible from (seed, epoch)
+    assert list(GroupedRandomSampler(groups, seed=3)) == orders[0]
+    with pytest.raises(ValueError, match="no rows"):
+        GroupedRandomSampler([])
+
+
+def _scene_runs(trainer):
+    order = [s for batch in trainer.get_train_dataloader() for s in batch["scene"].tolist()]
+    return order, [s for i, s in enumerate(order) if i == 0 or s != order[i - 1]]
+
+
+def test_trainer_group_by_column_batches_whole_scenes(tmp_path):
+    data = make_shapes_dataset(120, seed=0, image_size=IMAGE_SIZE, scene_size=6)
+    scenes = list(data["scene"])
+    data = data.with_transform(lambda batch: {"scene": batch["scene"]})
+    args = paper_training_arguments(str(tmp_path), per_device_train_batch_size=12, use_cpu=True, seed=0)
+    kwargs = dict(model=RWKVCLIPModel(real_vocab_config()), args=args, train_dataset=data,
+                  data_collator=lambda rows: {"scene": torch.tensor([r["scene"] for r in rows])})
+    order, runs = _scene_runs(RWKVCLIPTrainer(**kwargs, group_by_column="scene"))
+    assert sorted(order) == sorted(scenes)
+    assert len(runs) == len(set(scenes))  # each scene's rows come one after another
+    _, random_runs = _scene_runs(RWKVCLIPTrainer(**kwargs))  # the default random order splits scenes
+    assert len(random_runs) > 2 * len(set(scenes))
+    with pytest.raises(KeyError, match="'shape_id'"):
+        RWKVCLIPTrainer(**kwargs, group_by_column="shape_id")
 
 
 def test_logit_scale_clamp():

@@ -7,6 +7,9 @@ default model, and small enough to generate on a CPU in seconds:
     from rwkv_clip_hf.shapes import make_shapes_dataset
     train = make_shapes_dataset(2000, seed=0)                  # datasets.Dataset: image, caption, ...
 
+Every shape lies fully inside its image. `scene_size=K` groups rows into scenes of up to K images that differ
+in shape only (hard negatives for contrastive batches).
+
 Splits for held-out evaluation: `held_out_pairs(...)` names colour x shape combinations that
 `make_shapes_dataset(..., exclude_pairs=...)` leaves out of training and `only_pairs=...` keeps for testing.
 """
@@ -86,19 +89,49 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw(shape, color, size, position, count, background, image_size=64, rng=None) -> Image.Image:
-    """Render one image. `rng` jitters positions and sizes slightly (None: no jitter)."""
+MARGIN = 1.5  # kept free between every shape and the image border (pixel rounding takes up to half a pixel)
+# radius of each of `count` copies, as a fraction of the size's single-shape radius
+COUNT_SCALE = {1: 1.0, 2: 0.77, 3: 0.6}
+
+
+def layout(size, position, count, image_size=64, rng=None) -> tuple[list[tuple[float, float]], float]:
+    """Centres and radius of the `count` copies of a scene's shape: a row along the position's long axis
+    (vertical for left and right, horizontal otherwise), jittered by `rng` (None: no jitter).
+
+    Every copy lies inside the image and off its outermost pixels (pixel coordinates run from 0 to
+    `image_size - 1`, as in PIL): a group that would cross the border is moved inwards, and one that is longer
+    than the image is scaled down to fit (only large groups of 2 or 3 are; they stay larger than small ones)."""
     rng = rng or np.random.default_rng(0)
+    radius = SIZES[size] * image_size * COUNT_SCALE[count] * rng.uniform(0.85, 1.15)
+    px, py = POSITIONS[position]
+    horizontal = position in ("top", "bottom", "center")
+    # jitter: the whole row moves along its axis, each copy across it (so copies never overlap)
+    along, across = rng.uniform(-2, 2), [rng.uniform(-2, 2) for _ in range(count)]
+    last = image_size - 1  # the last pixel's coordinate
+    # the row's length: (count - 1) spacings of 2.2 radii and one radius at each end
+    radius = min(radius, (last - 2 * MARGIN) / (2.2 * (count - 1) + 2), last / 2 - MARGIN - 2)
+    centres = []
+    for i in range(count):
+        offset = (i - (count - 1) / 2) * 2.2 * radius + along
+        if horizontal:
+            centres.append((px * image_size + offset, py * image_size + across[i]))
+        else:
+            centres.append((px * image_size + across[i], py * image_size + offset))
+    shifts = []
+    for axis in (0, 1):
+        low = min(c[axis] for c in centres) - radius - MARGIN
+        high = max(c[axis] for c in centres) + radius + MARGIN - last
+        shifts.append(-low if low < 0 else (-high if high > 0 else 0.0))
+    return [(cx + shifts[0], cy + shifts[1]) for cx, cy in centres], radius
+
+
+def draw(shape, color, size, position, count, background, image_size=64, rng=None) -> Image.Image:
+    """Render one image (see `layout` for where the shapes go). `rng` jitters positions and sizes slightly
+    (None: no jitter)."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
     canvas = ImageDraw.Draw(image)
-    radius = SIZES[size] * image_size * (1.0 / (1 + 0.3 * (count - 1))) * rng.uniform(0.85, 1.15)
-    px, py = POSITIONS[position]
-    spacing = 2.2 * radius
-    for i in range(count):
-        offset = (i - (count - 1) / 2) * spacing
-        horizontal = position in ("top", "bottom", "center")
-        cx = px * image_size + (offset if horizontal else 0) + rng.uniform(-2, 2)
-        cy = py * image_size + (0 if horizontal else offset) + rng.uniform(-2, 2)
+    centres, radius = layout(size, position, count, image_size, rng)
+    for cx, cy in centres:
         if shape == "circle":
             canvas.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=COLORS[color])
         else:
@@ -132,6 +165,22 @@ def sample_attributes(rng, exclude_pairs: Iterable = (), only_pairs: Iterable | 
         }
 
 
+def scene_variants(attributes: dict, scene_size: int, rng, exclude_pairs: Iterable = (), only_pairs: Iterable | None = None) -> list[dict]:
+    """`attributes` and up to `scene_size - 1` copies of it with other shapes (in random order), skipping
+    excluded pairs (and, with `only_pairs`, pairs not in it)."""
+    exclude = set(map(tuple, exclude_pairs))
+    allowed = set(map(tuple, only_pairs)) if only_pairs is not None else None
+    scene = [attributes]
+    for index in rng.permutation(len(SHAPES)):
+        if len(scene) >= scene_size:
+            break
+        pair = (attributes["color"], SHAPES[index])
+        if SHAPES[index] == attributes["shape"] or pair in exclude or (allowed is not None and pair not in allowed):
+            continue
+        scene.append({**attributes, "shape": SHAPES[index]})
+    return scene
+
+
 def make_shapes_dataset(
     num_samples: int,
     seed: int = 0,
@@ -140,27 +189,42 @@ def make_shapes_dataset(
     captions_per_image: int = 3,
     exclude_pairs: Iterable = (),
     only_pairs: Iterable | None = None,
+    scene_size: int = 1,
 ):
     """A `datasets.Dataset` with columns `image` (PIL), `caption` (one phrasing), `captions` (several
     phrasings, for text augmentation), the attributes `shape`, `color`, `size`, `position`, `count`,
-    `background`, and `label` (the shape index, for classification)."""
+    `background`, `label` (the shape index, for classification) and `scene`.
+
+    With `scene_size > 1` the rows come in scenes: up to `scene_size` consecutive rows share colour, size,
+    position, count and background and differ in shape only, and share a `scene` id. In one contrastive batch
+    they are hard negatives for each other, which teaches shapes faster than random batches (whose captions
+    can mostly be told apart by colour alone); `RWKVCLIPTrainer(group_by_column="scene")` keeps scenes
+    together. With `scene_size=1`, `scene` is the row index."""
     from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if not 1 <= scene_size <= len(SHAPES):
+        raise ValueError(f"scene_size must be between 1 and {len(SHAPES)} (the number of shapes), got {scene_size}")
     templates = templates or TRAIN_TEMPLATES
     rng = np.random.default_rng(seed)
-    rows = {k: [] for k in ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label")}
-    for _ in range(num_samples):
+    columns = ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label", "scene")
+    rows = {k: [] for k in columns}
+    scene = 0
+    while len(rows["image"]) < num_samples:
         attributes = sample_attributes(rng, exclude_pairs, only_pairs)
-        image = draw(**attributes, image_size=image_size, rng=rng)
-        phrasings = [caption(str(t), **attributes) for t in rng.choice(templates, size=captions_per_image, replace=len(templates) < captions_per_image)]
-        rows["image"].append(image)
-        rows["caption"].append(phrasings[0])
-        rows["captions"].append(phrasings)
-        for key, value in attributes.items():
-            rows[key].append(value)
-        rows["label"].append(SHAPES.index(attributes["shape"]))
+        for variant in scene_variants(attributes, scene_size, rng, exclude_pairs, only_pairs)[: num_samples - len(rows["image"])]:
+            image = draw(**variant, image_size=image_size, rng=rng)
+            chosen = rng.choice(templates, size=captions_per_image, replace=len(templates) < captions_per_image)
+            phrasings = [caption(str(t), **variant) for t in chosen]
+            rows["image"].append(image)
+            rows["caption"].append(phrasings[0])
+            rows["captions"].append(phrasings)
+            for key, value in variant.items():
+                rows[key].append(value)
+            rows["label"].append(SHAPES.index(variant["shape"]))
+            rows["scene"].append(scene if scene_size > 1 else len(rows["scene"]))
+        scene += 1
     features = Features(
         {
             "image": ImageFeature(),
@@ -173,6 +237,7 @@ def make_shapes_dataset(
             "count": Value("int32"),
             "background": Value("string"),
             "label": Value("int64"),
+            "scene": Value("int64"),
         }
     )
     return Dataset.from_dict(rows, features=features)
@@ -189,5 +254,7 @@ __all__ = [
     "caption",
     "draw",
     "held_out_pairs",
+    "layout",
     "make_shapes_dataset",
+    "scene_variants",
 ]

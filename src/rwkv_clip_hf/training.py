@@ -6,7 +6,8 @@
 * `ContrastiveCollator` / `ClassificationCollator`: batch what the transforms produce.
 * `LogitScaleClampCallback`: clamps `logit_scale` to [0, ln 100] after every optimizer step.
 * `RWKVCLIPTrainer`: a `Trainer` that adds the clamp and applies weight decay as CLIP training does (not to
-  biases, norm gains or the temperature).
+  biases, norm gains or the temperature); with `group_by_column`, rows that share that column's value are
+  batched together (`GroupedRandomSampler`), e.g. hard negatives for the contrastive loss.
 * `paper_training_arguments`: `TrainingArguments` with the paper's recipe (§9) as defaults.
 * `accuracy_metric` / `compute_accuracy`: an `evaluate` accuracy for `compute_metrics`.
 
@@ -167,16 +168,79 @@ class LogitScaleClampCallback(TrainerCallback):
                 parameter.clamp_(self.min_value, self.max_value)
 
 
+class GroupedRandomSampler(torch.utils.data.Sampler[int]):
+    """Random order of groups, each group's rows consecutive: batches cut from it hold whole groups (but the
+    one a batch boundary falls in). Rows of a group need not be adjacent in the dataset.
+
+    Args:
+        groups: one group key per row (any hashable values, e.g. a dataset column).
+        seed: seeds the order; epoch `e` (`set_epoch`, as Trainer / accelerate call it, or one more per
+            iteration otherwise) uses `(seed, e)`, so every epoch has a new, reproducible order.
+    """
+
+    def __init__(self, groups: Sequence, seed: int = 0):
+        members: dict = {}
+        for index, key in enumerate(groups):
+            members.setdefault(key, []).append(index)
+        if not members:
+            raise ValueError("GroupedRandomSampler: no rows")
+        self.groups = list(members.values())
+        self.length = sum(len(g) for g in self.groups)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        for group in rng.permutation(len(self.groups)):
+            members = self.groups[group]
+            yield from (members[i] for i in rng.permutation(len(members)))
+
+
 class RWKVCLIPTrainer(Trainer):
     """`Trainer` with the RWKV-CLIP recipe: logit-scale clamp, and weight decay on every parameter except
     biases, LayerNorm/GroupNorm gains and the temperature (CLIP training's exclusions; the RWKV mixing and
-    decay parameters are matrices in the original and are decayed)."""
+    decay parameters are matrices in the original and are decayed).
 
-    def __init__(self, *args, **kwargs):
+    Args:
+        group_by_column: a column of the training dataset; rows with the same value are kept in one batch
+            (`GroupedRandomSampler`), e.g. the `scene` of `rwkv_clip_hf.shapes.make_shapes_dataset(...,
+            scene_size=K)`, or product photos of one item: hard negatives for the contrastive loss.
+        *args, **kwargs: those of `Trainer`.
+    """
+
+    def __init__(self, *args, group_by_column: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.group_by_column = group_by_column
+        if group_by_column is not None:
+            dataset = self.train_dataset
+            names = getattr(dataset, "column_names", None)
+            if names is None:
+                raise TypeError(f"group_by_column={group_by_column!r} needs a datasets.Dataset to train on")
+            if group_by_column not in names:
+                raise KeyError(f"group_by_column={group_by_column!r} is not a column of the training dataset ({names})")
         model = self.model
         if hasattr(model, "logit_scale") and not any(isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(LogitScaleClampCallback())
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_by_column is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_column not in dataset.column_names:
+            raise KeyError(
+                f"group_by_column={self.group_by_column!r} was removed from the training dataset: pass "
+                "TrainingArguments(remove_unused_columns=False)"
+            )
+        # read the column without the dataset's transform (which would decode every image)
+        groups = dataset.with_format("arrow")[self.group_by_column].to_pylist()
+        return GroupedRandomSampler(groups, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         no_decay = {"logit_scale"}
@@ -254,6 +318,7 @@ __all__ = [
     "ClassificationTransform",
     "ContrastiveCollator",
     "ContrastiveTransform",
+    "GroupedRandomSampler",
     "LogitScaleClampCallback",
     "RWKVCLIPTrainer",
     "accuracy_metric",
