@@ -43,7 +43,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
 # Regenerate the bundled default model (src/rwkv_clip_hf/default_model/): data, training, evaluation, model
-# card; about 75 minutes on 2 CPU cores (20,000 images, 20 epochs).
+# card; about 80 minutes on 2 CPU cores (20,000 images in scenes of 6, 20 epochs).
 default-model: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) examples/build_default_model.py
 
