@@ -1,5 +1,6 @@
 """Training under Trainer, the global-batch loss across ranks, text augmentation, the clamp, PEFT."""
 
+import faulthandler
 import math
 import os
 import socket
@@ -178,6 +179,8 @@ def _free_port() -> int:
 
 
 def _distributed_worker(rank, world_size, port, state, inputs, out_dir):
+    # a hang prints every thread's stack and ends the worker (the test then fails with it) instead of stalling
+    faulthandler.dump_traceback_later(90, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -193,6 +196,10 @@ def _distributed_worker(rank, world_size, port, state, inputs, out_dir):
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, "rank0.pt"))
+        # tear DDP down while the process group is alive, then leave together: freeing DDP after
+        # destroy_process_group hung rank 1 now and then (about 1 run in 15)
+        del ddp, model, loss
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

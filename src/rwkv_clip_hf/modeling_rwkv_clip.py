@@ -47,7 +47,10 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     world_size = torch.distributed.get_world_size()
     if world_size == 1:
         return features
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    try:  # torch >= 2.13 renamed it (the old name warns)
+        from torch.distributed._functional_collectives import all_gather_single_autograd as all_gather_autograd
+    except ImportError:
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_autograd
 
     size = torch.tensor([features.shape[0]], device=features.device)
     sizes = [torch.zeros_like(size) for _ in range(world_size)]
@@ -56,7 +59,7 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     longest = max(sizes)
     padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
     # the autograd all-gather's backward reduce-scatters (sums) the gradients back to their ranks
-    gathered = all_gather_tensor_autograd(padded, gather_dim=0, group=torch.distributed.group.WORLD)
+    gathered = all_gather_autograd(padded, gather_dim=0, group=torch.distributed.group.WORLD)
     return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)])
 
 
