@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
-from rwkv_clip_hf.shapes import SHAPES, make_shapes_dataset
+from rwkv_clip_hf.shapes import SHAPES, held_out_pairs, make_shapes_dataset
 from rwkv_clip_hf.training import ClassificationTransform, RWKVCLIPTrainer, classification_collator, compute_accuracy
 
 
@@ -49,6 +49,9 @@ class Arguments:
     dataset_name: str | None = field(default=None)
     dataset_config_name: str | None = field(default=None)
     generate_shapes: int | None = field(default=None, metadata={"help": "Use N generated shape images instead."})
+    exclude_held_out_pairs: bool = field(
+        default=False, metadata={"help": "With --generate_shapes: leave rwkv_clip_hf.shapes.held_out_pairs() out."}
+    )
     train_split: str = field(default="train")
     eval_split: str | None = field(default=None, metadata={"help": "Default: hold out --validation_fraction of train."})
     validation_fraction: float = field(default=0.2)
@@ -60,7 +63,8 @@ class Arguments:
 
 def load_splits(args: Arguments, seed: int):
     if args.generate_shapes:
-        data = make_shapes_dataset(args.generate_shapes, seed=seed)
+        excluded = held_out_pairs() if args.exclude_held_out_pairs else ()
+        data = make_shapes_dataset(args.generate_shapes, seed=seed, exclude_pairs=excluded)
         data = data.cast_column("label", datasets.ClassLabel(names=SHAPES))
         split = data.train_test_split(test_size=args.validation_fraction, seed=seed)
         return split["train"], split["test"]
@@ -121,6 +125,7 @@ def main():
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)  # eval_results.json in --output_dir
     trainer.save_model()
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(training_args.output_dir)

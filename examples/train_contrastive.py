@@ -19,6 +19,12 @@ Hard negatives: batches made of whole groups of rows that share a column's value
     python examples/train_contrastive.py --output_dir runs/scenes --generate_shapes 2000 --shapes_scene_size 6 \
         --group_by_column scene --config_name tiny --num_train_epochs 3 --per_device_train_batch_size 64
 
+Image tower pre-trained on labels first (a classifier saved by finetune_classification.py, same vision
+architecture), text tower from scratch (how the bundled default model is trained):
+
+    python examples/train_contrastive.py --output_dir runs/two-stage --generate_shapes 2000 --config_name tiny \
+        --vision_model_name_or_path runs/cls --num_train_epochs 3 --per_device_train_batch_size 64
+
 Several processes (the contrastive loss is then over the global batch of all ranks):
 
     torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
@@ -41,7 +47,7 @@ import transformers
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
-from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
 from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform, RWKVCLIPTrainer
 
@@ -77,6 +83,11 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "JSON merged into the config, e.g. '{\"vision_config\": {\"image_size\": 96}}'."}
     )
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch, but start the image tower from this checkpoint: a classifier saved by "
+                  "finetune_classification.py or any RWKV-CLIP directory (its vision architecture must match the config)."},
+    )
 
 
 @dataclass
@@ -105,8 +116,36 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
 
 
+# The vision-config fields that define the tower's weights and computation (the rest are run-time settings).
+VISION_ARCHITECTURE_FIELDS = (
+    "hidden_size", "head_size", "num_hidden_layers", "intermediate_size", "mix_lora_rank",
+    "decay_lora_rank", "image_size", "patch_size", "num_channels", "token_shift", "layer_norm_eps", "group_norm_eps",
+)
+
+
+def load_vision_tower(model: RWKVCLIPModel, path: str) -> None:
+    """Copy the image tower of a saved classifier (`RWKVCLIPForImageClassification`) or RWKV-CLIP model into
+    `model`, after checking that the two vision architectures agree."""
+    source, info = RWKVCLIPForImageClassification.from_pretrained(path, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if k.startswith("vision_model.")]
+    if missing:
+        raise SystemExit(f"--vision_model_name_or_path {path}: no image-tower weights for {missing[:5]} "
+                         f"({len(missing)} missing); give a classifier or RWKV-CLIP checkpoint")
+    ours, theirs = model.config.vision_config, source.config.vision_config
+    differ = [f"{name}: config {getattr(ours, name)!r}, checkpoint {getattr(theirs, name)!r}"
+              for name in VISION_ARCHITECTURE_FIELDS if getattr(ours, name) != getattr(theirs, name)]
+    if differ:
+        raise SystemExit(f"--vision_model_name_or_path {path}: its vision tower differs from the model's config ("
+                         + "; ".join(differ) + "); make --config_name/--config_overrides match it")
+    model.vision_model.load_state_dict(source.vision_model.state_dict())
+    logger.info("image tower initialised from %s", path)
+
+
 def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
     if model_args.model_name_or_path:
+        if model_args.vision_model_name_or_path:
+            raise SystemExit("--vision_model_name_or_path starts a model from scratch; it does not combine with "
+                             "--model_name_or_path")
         return AutoModel.from_pretrained(model_args.model_name_or_path)
     name = model_args.config_name or "tiny"
     if name == "tiny":
@@ -124,7 +163,10 @@ def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
             else:
                 merged[key] = value
         config = RWKVCLIPConfig.from_dict(merged)
-    return RWKVCLIPModel(config)
+    model = RWKVCLIPModel(config)
+    if model_args.vision_model_name_or_path:
+        load_vision_tower(model, model_args.vision_model_name_or_path)
+    return model
 
 
 def load_data(data_args: DataArguments, image_size: int, seed: int):

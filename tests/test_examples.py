@@ -1,0 +1,138 @@
+"""The training examples' two-stage path (how the bundled default model is built): an image tower pre-trained on
+labels by examples/finetune_classification.py, then copied into a fresh RWKV-CLIP by examples/train_contrastive.py
+(--vision_model_name_or_path)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def contrastive():
+    return load_example("train_contrastive")
+
+
+def real_vocab_config(**vision):
+    return tiny_config(
+        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 16},
+        vision_config={"image_size": 32, "patch_size": 8, **vision},
+    )
+
+
+def model_arguments(contrastive, config, **kwargs):
+    """ModelArguments for train_contrastive.build_model that rebuild `config` from scratch."""
+    overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
+    return contrastive.ModelArguments(config_name="tiny", config_overrides=json.dumps(overrides), **kwargs)
+
+
+def save_classifier(path: Path, config, seed: int) -> RWKVCLIPForImageClassification:
+    config = RWKVCLIPForImageClassification.config_class.from_dict(config.to_dict())
+    config.num_labels = len(SHAPES)
+    classifier = randomize_(RWKVCLIPForImageClassification(config), seed=seed)
+    classifier.save_pretrained(path)
+    return classifier
+
+
+def test_vision_tower_comes_from_the_classifier_and_the_text_tower_from_scratch(tmp_path, contrastive):
+    config = real_vocab_config()
+    classifier = save_classifier(tmp_path / "cls", config, seed=1)
+    torch.manual_seed(0)
+    model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "cls")))
+    torch.manual_seed(0)
+    fresh = contrastive.build_model(model_arguments(contrastive, config))
+    assert type(model) is RWKVCLIPModel
+    for name, tensor in classifier.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+        # randomize_ gave every parameter other values than a fresh init: the copy really happened
+        if name in dict(classifier.vision_model.named_parameters()):
+            assert not torch.equal(fresh.vision_model.state_dict()[name], tensor), name
+    for name, tensor in fresh.text_model.state_dict().items():
+        assert torch.equal(model.text_model.state_dict()[name], tensor), name
+    assert torch.equal(model.logit_scale, fresh.logit_scale)
+
+
+def test_vision_tower_from_a_full_rwkv_clip_checkpoint(tmp_path, contrastive):
+    config = real_vocab_config()
+    source = randomize_(RWKVCLIPModel(config), seed=2)
+    source.save_pretrained(tmp_path / "clip")
+    model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "clip")))
+    for name, tensor in source.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    assert not torch.equal(model.text_model.token_embedding.weight, source.text_model.token_embedding.weight)
+
+
+def test_vision_tower_of_another_architecture_is_refused(tmp_path, contrastive):
+    save_classifier(tmp_path / "cls", real_vocab_config(patch_size=4), seed=3)
+    arguments = model_arguments(contrastive, real_vocab_config(), vision_model_name_or_path=str(tmp_path / "cls"))
+    with pytest.raises(SystemExit, match=r"patch_size: config 8, checkpoint 4"):
+        contrastive.build_model(arguments)
+
+
+def test_vision_tower_does_not_combine_with_a_model_to_fine_tune(tmp_path, contrastive):
+    arguments = contrastive.ModelArguments(model_name_or_path=str(tmp_path), vision_model_name_or_path=str(tmp_path))
+    with pytest.raises(SystemExit, match="does not combine with --model_name_or_path"):
+        contrastive.build_model(arguments)
+
+
+def test_classification_example_excludes_held_out_pairs():
+    classification = load_example("finetune_classification")
+    arguments = classification.Arguments(model_name_or_path="unused", generate_shapes=300, exclude_held_out_pairs=True)
+    train, evaluation = classification.load_splits(arguments, seed=0)
+    seen = {(row["color"], row["shape"]) for split in (train, evaluation) for row in split.select_columns(["color", "shape"])}
+    assert len(train) + len(evaluation) == 300
+    assert not seen & set(held_out_pairs())
+    assert len(seen) == len(COLORS) * len(SHAPES) - len(held_out_pairs())  # 300 images cover every other pair
+    arguments.exclude_held_out_pairs = False
+    train, evaluation = classification.load_splits(arguments, seed=0)
+    assert {(row["color"], row["shape"]) for row in train.select_columns(["color", "shape"])} & set(held_out_pairs())
+
+
+def test_two_stage_training_runs_end_to_end(tmp_path):
+    """finetune_classification.py from a saved random model, then train_contrastive.py starting its image tower
+    there: both run under Trainer, the classifier writes its eval accuracy, and the result loads as RWKV-CLIP
+    (the copy of the tower is checked exactly by the tests above)."""
+    config = real_vocab_config()
+    RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
+    RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
+    common = ["--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",
+              "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--use_cpu", "True"]
+    stage_1 = [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--output_dir", str(tmp_path / "cls"),
+               "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--exclude_held_out_pairs",
+               "--num_train_epochs", "1", "--eval_strategy", "no", "--load_best_model_at_end", "False", *common]
+    result = subprocess.run(stage_1, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    accuracy = json.loads((tmp_path / "cls" / "eval_results.json").read_text())["eval_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
+    overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
+    stage_2 = [sys.executable, str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "clip"),
+               "--generate_shapes", "32", "--exclude_held_out_pairs", "--config_name", "tiny",
+               "--config_overrides", json.dumps(overrides), "--vision_model_name_or_path", str(tmp_path / "cls"),
+               "--caption_columns", "captions", "--num_train_epochs", "1", "--validation_fraction", "0", *common]
+    result = subprocess.run(stage_2, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "image tower initialised from" in result.stdout + result.stderr
+    trained = RWKVCLIPModel.from_pretrained(tmp_path / "clip")
+    classifier = RWKVCLIPForImageClassification.from_pretrained(tmp_path / "cls")
+    patch = "embeddings.patch_embedding.weight"
+    start, end = classifier.vision_model.state_dict()[patch], trained.vision_model.state_dict()[patch]
+    assert start.shape == end.shape and not torch.equal(start, end)  # trained on (the copy itself: tests above)
