@@ -1,6 +1,6 @@
 """The training examples' two-stage path (how the bundled default model is built): an image tower pre-trained on
 labels by examples/finetune_classification.py, then copied into a fresh RWKV-CLIP by examples/train_contrastive.py
-(--vision_model_name_or_path)."""
+(--vision_model_name_or_path); and examples/similarity_heatmap.py."""
 
 import importlib.util
 import json
@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_, tiny_config
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
 
+import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs
 
@@ -136,3 +139,28 @@ def test_two_stage_training_runs_end_to_end(tmp_path):
     patch = "embeddings.patch_embedding.weight"
     start, end = classifier.vision_model.state_dict()[patch], trained.vision_model.state_dict()[patch]
     assert start.shape == end.shape and not torch.equal(start, end)  # trained on (the copy itself: tests above)
+
+
+def test_similarity_heatmap_writes_the_matrix_of_the_model(tmp_path, capsys):
+    heatmap = load_example("similarity_heatmap")
+    images = sorted((ROOT / "examples" / "images").glob("*.png"))[:3]
+    captions = ["a blue square", "a red circle"]
+    output = tmp_path / "similarity.png"
+    heatmap.main(["--images", *map(str, images), "--captions", *captions, "--output", str(output)])
+    printed = capsys.readouterr().out.splitlines()
+    # the printed matrix is the model's own logits divided by its temperature
+    model_dir = rwkv_clip_hf.default_model_path()
+    model, processor = AutoModel.from_pretrained(model_dir), AutoProcessor.from_pretrained(model_dir)
+    inputs = processor(text=captions, images=[Image.open(p) for p in images], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_text / model.logit_scale.exp()
+    rows = [[float(v) for v in line.split()[-len(images):]] for line in printed[1:3]]
+    assert torch.allclose(torch.tensor(rows), expected, atol=6e-4), (rows, expected)
+    with Image.open(output) as png:
+        assert png.format == "PNG" and png.width > 300
+    assert list(tmp_path.iterdir()) == [output]  # no temporary file left behind
+    with pytest.raises(SystemExit, match="no such file: .*missing.png"):
+        heatmap.main(["--images", str(tmp_path / "missing.png"), "--output", str(tmp_path / "other.png")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        heatmap.main(["--output", str(tmp_path / "no" / "such" / "dir.png")])
+    assert not (tmp_path / "other.png").exists()
