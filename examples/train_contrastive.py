@@ -14,7 +14,7 @@ does with raw text / synthetic caption / generated description):
         --learning_rate 1e-5 --per_device_train_batch_size 128 --bf16
 
 Hard negatives: batches made of whole groups of rows that share a column's value, e.g. generated scenes of
-6 images that differ in shape only (how the bundled default model is trained):
+6 images that differ in shape only (the bundled default model uses scenes of 3):
 
     python examples/train_contrastive.py --output_dir runs/scenes --generate_shapes 2000 --shapes_scene_size 6 \
         --group_by_column scene --config_name tiny --num_train_epochs 3 --per_device_train_batch_size 64

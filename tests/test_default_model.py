@@ -46,6 +46,12 @@ def test_model_card_reports_the_saved_evaluation():
     for name, result in results.items():
         assert f"| {name.replace('_', ' ')} | {result['classes']} | {100 * result['accuracy']:.1f} % |" in card
     assert "make default-model" in card
+    # the held-out breakdown and the verdict are derived from the same evaluation, not written by hand
+    text = " ".join(card.split())
+    held_out = results["held_out_color_shape"]
+    assert f"colour right {100 * held_out['color_right']:.1f} % and the shape right {100 * held_out['shape_right']:.1f} %" in text
+    verdict = "is met" if held_out["accuracy"] >= 0.9 else "is not reached"
+    assert f"in training, {verdict} ({100 * held_out['accuracy']:.1f} %)" in text
 
 
 def test_demo_prints_the_right_top_label_for_every_bundled_example(tmp_path):
