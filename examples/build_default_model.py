@@ -121,62 +121,65 @@ def evaluate(model_dir: Path, directory: Path, samples: int, seed: int) -> dict:
     return results
 
 
-def pretrain_vision(work: Path, args) -> tuple[Path, float]:
-    """Step 1: a randomly initialised model's image tower trained on the shape label; returns the classifier's
-    directory and its accuracy on held-back generated images."""
-    init_dir, run_dir = work / "init", work / "vision"
-    torch.manual_seed(args.seed)
-    config = RWKVCLIPConfig(**json.loads(json.dumps(ARCHITECTURE)))
-    RWKVCLIPModel(config).save_pretrained(init_dir)
-    RWKVCLIPProcessor.from_bundled(image_size=IMAGE_SIZE, context_length=32).save_pretrained(init_dir)
-    command = [
-        sys.executable, str(ROOT / "examples" / "finetune_classification.py"),
-        "--output_dir", str(run_dir),
-        "--model_name_or_path", str(init_dir),
-        "--generate_shapes", str(args.pretrain_samples),
-        "--exclude_held_out_pairs",
-        "--validation_fraction", "0.1",
-        "--num_train_epochs", str(args.pretrain_epochs),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--per_device_eval_batch_size", "128",
-        "--learning_rate", str(args.learning_rate),
-        "--weight_decay", "0.05",
-        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
-        "--logging_steps", "25",
-        "--seed", str(args.seed),
-        "--dataloader_num_workers", "0",
-    ]
-    print(" ".join(command))
-    subprocess.run(command, check=True)
-    accuracy = json.loads((run_dir / "eval_results.json").read_text())["eval_accuracy"]
-    return run_dir, accuracy
+WEIGHT_DECAY = 0.05
 
 
-def train(work: Path, args, vision_dir: Path | None) -> Path:
-    run_dir = work / "run"
+def run_example(script: str, run_dir: Path, args, *flags: str) -> Path:
+    """Run `examples/<script>` into `run_dir` with `flags` and the Trainer settings both steps share."""
     command = [
-        sys.executable, str(ROOT / "examples" / "train_contrastive.py"),
+        sys.executable, str(ROOT / "examples" / script),
         "--output_dir", str(run_dir),
-        "--generate_shapes", str(args.train_samples),
-        "--exclude_held_out_pairs",
-        "--shapes_scene_size", str(args.scene_size), "--group_by_column", "scene",
-        "--config_name", "tiny", "--config_overrides", json.dumps(ARCHITECTURE),
-        "--caption_columns", "captions",
-        "--num_train_epochs", str(args.epochs),
+        *flags,
         "--per_device_train_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate),
-        "--weight_decay", "0.05",
-        "--validation_fraction", "0",
+        "--weight_decay", str(WEIGHT_DECAY),
         "--save_strategy", "no",
         "--logging_steps", "25",
         "--seed", str(args.seed),
         "--dataloader_num_workers", "0",
     ]
-    if vision_dir is not None:
-        command += ["--vision_model_name_or_path", str(vision_dir)]
     print(" ".join(command))
     subprocess.run(command, check=True)
     return run_dir
+
+
+def pretrain_vision(work: Path, args) -> tuple[Path, float]:
+    """Step 1: a randomly initialised model's image tower trained on the shape label; returns the classifier's
+    directory and its accuracy on held-back generated images."""
+    init_dir = work / "init"
+    torch.manual_seed(args.seed)
+    config = RWKVCLIPConfig(**json.loads(json.dumps(ARCHITECTURE)))
+    RWKVCLIPModel(config).save_pretrained(init_dir)
+    context_length = ARCHITECTURE["text_config"]["max_position_embeddings"]
+    RWKVCLIPProcessor.from_bundled(image_size=IMAGE_SIZE, context_length=context_length).save_pretrained(init_dir)
+    run_dir = run_example(
+        "finetune_classification.py", work / "vision", args,
+        "--model_name_or_path", str(init_dir),
+        "--generate_shapes", str(args.pretrain_samples),
+        "--exclude_held_out_pairs",
+        "--validation_fraction", "0.1",
+        "--num_train_epochs", str(args.pretrain_epochs),
+        "--per_device_eval_batch_size", "128",
+        "--eval_strategy", "no", "--load_best_model_at_end", "False",
+    )
+    accuracy = json.loads((run_dir / "eval_results.json").read_text())["eval_accuracy"]
+    return run_dir, accuracy
+
+
+def train(work: Path, args, vision_dir: Path | None) -> Path:
+    """Step 2: contrastive training; the image tower starts from `vision_dir` when given."""
+    vision = ["--vision_model_name_or_path", str(vision_dir)] if vision_dir is not None else []
+    return run_example(
+        "train_contrastive.py", work / "run", args,
+        "--generate_shapes", str(args.train_samples),
+        "--exclude_held_out_pairs",
+        "--shapes_scene_size", str(args.scene_size), "--group_by_column", "scene",
+        "--config_name", "tiny", "--config_overrides", json.dumps(ARCHITECTURE),
+        *vision,
+        "--caption_columns", "captions",
+        "--num_train_epochs", str(args.epochs),
+        "--validation_fraction", "0",
+    )
 
 
 def model_card(results: dict, args, parameters: int, seconds: dict, vision_accuracy: float | None) -> str:
@@ -194,22 +197,19 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision_accur
 2. The whole model trains contrastively with `examples/train_contrastive.py`, the text tower from scratch and
    the image tower from step 1 (`--vision_model_name_or_path`): {args.train_samples} captioned images,
    {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 %
-   warmup, weight decay 0.05, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
+   warmup, weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
     else:
         steps = f"""Contrastive training from scratch with `examples/train_contrastive.py`: {args.train_samples} captioned images,
 {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 % warmup,
-weight decay 0.05, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
+weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
     if args.scene_size > 1:
         steps += f"""
 The contrastive images come in scenes of up to {args.scene_size} that differ in shape only, and every batch holds
 whole scenes (`--shapes_scene_size {args.scene_size} --group_by_column scene`), so a caption's hardest negatives
 are the same scene in other shapes."""
     verdict = (
-        f"The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is met "
-        f"({100 * held_out['accuracy']:.1f} %)."
-        if goal_met
-        else f"The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is not "
-        f"reached ({100 * held_out['accuracy']:.1f} %)."
+        "The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is "
+        f"{'met' if goal_met else 'not reached'} ({100 * held_out['accuracy']:.1f} %)."
     )
     return f"""---
 library_name: rwkv-clip-hf

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor
 from transformers.image_utils import load_image
 
 import rwkv_clip_hf
+from rwkv_clip_hf.evaluation.features import encode_images, encode_texts, load_model_and_processor
 
 
 EXAMPLES = Path(__file__).resolve().parent / "images"
@@ -31,17 +31,13 @@ def caption_of(path: str) -> str:
     return f"{'an' if words[:1] in 'aeiou' else 'a'} {words}"
 
 
-@torch.inference_mode()
 def similarity_matrix(model, processor, images, captions) -> torch.Tensor:
     """(len(captions), len(images)) cosine similarities of the L2-normalised embeddings."""
-    inputs = processor(text=captions, images=images, padding=True, return_tensors="pt")
-    image = model.get_image_features(pixel_values=inputs["pixel_values"])
-    text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    # transformers' CLIP returns a tensor, RWKV-CLIP an output with the embedding as pooler_output
-    image, text = (getattr(f, "pooler_output", f) for f in (image, text))
+    image = encode_images(model, processor, images, len(images))
+    text = encode_texts(model, processor, captions)
     image = image / image.norm(dim=-1, keepdim=True)
     text = text / text.norm(dim=-1, keepdim=True)
-    return text.float() @ image.float().T
+    return text @ image.T
 
 
 def plot(similarity, images, captions, path: Path, title: str) -> None:
@@ -105,8 +101,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--images: no such file: {path}")
         images.append(load_image(path))
 
-    model = AutoModel.from_pretrained(model_name).eval()
-    processor = AutoProcessor.from_pretrained(model_name)
+    model, processor = load_model_and_processor(model_name)
     similarity = similarity_matrix(model, processor, images, captions)
     width = max(len(c) for c in captions)
     print(" " * width + "  " + "  ".join(f"{Path(p).name[:12]:>12}" for p in paths))

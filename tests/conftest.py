@@ -43,6 +43,17 @@ def tiny_config(**overrides) -> RWKVCLIPConfig:
     return RWKVCLIPConfig(text_config=text, vision_config=vision, **overrides)
 
 
+def real_vocab_config(text_config: dict | None = None, vision_config: dict | None = None, **overrides) -> RWKVCLIPConfig:
+    """`tiny_config` with CLIP's vocabulary and special ids (for the bundled tokenizer) and 32x32 images in 8x8
+    patches; `text_config` / `vision_config` update those towers."""
+    return tiny_config(
+        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 77,
+                     **(text_config or {})},
+        vision_config={"image_size": 32, "patch_size": 8, "drop_path_rate": 0.0, **(vision_config or {})},
+        **overrides,
+    )
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Replace every parameter with O(1) random values so that no term of the computation is trivially zero
     (a fresh init zeroes the output projections). Decay parameters get a wide range."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import randomize_, real_vocab_config
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -35,11 +35,9 @@ def contrastive():
     return load_example("train_contrastive")
 
 
-def real_vocab_config(**vision):
-    return tiny_config(
-        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 16},
-        vision_config={"image_size": 32, "patch_size": 8, **vision},
-    )
+def short_context_config(**vision):
+    """The training tests' tiny real-vocabulary model with a 16-token context (the subprocess runs stay quick)."""
+    return real_vocab_config(text_config={"max_position_embeddings": 16}, vision_config=vision)
 
 
 def model_arguments(contrastive, config, **kwargs):
@@ -57,7 +55,7 @@ def save_classifier(path: Path, config, seed: int) -> RWKVCLIPForImageClassifica
 
 
 def test_vision_tower_comes_from_the_classifier_and_the_text_tower_from_scratch(tmp_path, contrastive):
-    config = real_vocab_config()
+    config = short_context_config()
     classifier = save_classifier(tmp_path / "cls", config, seed=1)
     torch.manual_seed(0)
     model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "cls")))
@@ -75,7 +73,7 @@ def test_vision_tower_comes_from_the_classifier_and_the_text_tower_from_scratch(
 
 
 def test_vision_tower_from_a_full_rwkv_clip_checkpoint(tmp_path, contrastive):
-    config = real_vocab_config()
+    config = short_context_config()
     source = randomize_(RWKVCLIPModel(config), seed=2)
     source.save_pretrained(tmp_path / "clip")
     model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "clip")))
@@ -85,8 +83,8 @@ def test_vision_tower_from_a_full_rwkv_clip_checkpoint(tmp_path, contrastive):
 
 
 def test_vision_tower_of_another_architecture_is_refused(tmp_path, contrastive):
-    save_classifier(tmp_path / "cls", real_vocab_config(patch_size=4), seed=3)
-    arguments = model_arguments(contrastive, real_vocab_config(), vision_model_name_or_path=str(tmp_path / "cls"))
+    save_classifier(tmp_path / "cls", short_context_config(patch_size=4), seed=3)
+    arguments = model_arguments(contrastive, short_context_config(), vision_model_name_or_path=str(tmp_path / "cls"))
     with pytest.raises(SystemExit, match=r"patch_size: config 8, checkpoint 4"):
         contrastive.build_model(arguments)
 
@@ -114,7 +112,7 @@ def test_two_stage_training_runs_end_to_end(tmp_path):
     """finetune_classification.py from a saved random model, then train_contrastive.py starting its image tower
     there: both run under Trainer, the classifier writes its eval accuracy, and the result loads as RWKV-CLIP
     (the copy of the tower is checked exactly by the tests above)."""
-    config = real_vocab_config()
+    config = short_context_config()
     RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
     RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
     common = ["--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",

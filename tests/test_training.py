@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import randomize_, tiny_config
+from conftest import randomize_, real_vocab_config
 
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import COLORS, make_shapes_dataset
@@ -28,15 +28,7 @@ from rwkv_clip_hf.training import (
 )
 
 
-IMAGE_SIZE = 32
-
-
-def real_vocab_config(**overrides):
-    return tiny_config(
-        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 77},
-        vision_config={"image_size": IMAGE_SIZE, "patch_size": 8, "drop_path_rate": 0.0},
-        **overrides,
-    )
+IMAGE_SIZE = 32  # the image size of conftest.real_vocab_config
 
 
 @pytest.fixture(scope="module")
