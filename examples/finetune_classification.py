@@ -52,6 +52,11 @@ class Arguments:
     exclude_held_out_pairs: bool = field(
         default=False, metadata={"help": "With --generate_shapes: leave rwkv_clip_hf.shapes.held_out_pairs() out."}
     )
+    shapes_random_colors: float = field(
+        default=0.0,
+        metadata={"help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
+                  "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."},
+    )
     train_split: str = field(default="train")
     eval_split: str | None = field(default=None, metadata={"help": "Default: hold out --validation_fraction of train."})
     validation_fraction: float = field(default=0.2)
@@ -64,7 +69,9 @@ class Arguments:
 def load_splits(args: Arguments, seed: int):
     if args.generate_shapes:
         excluded = held_out_pairs() if args.exclude_held_out_pairs else ()
-        data = make_shapes_dataset(args.generate_shapes, seed=seed, exclude_pairs=excluded)
+        data = make_shapes_dataset(
+            args.generate_shapes, seed=seed, exclude_pairs=excluded, random_colors=args.shapes_random_colors
+        )
         data = data.cast_column("label", datasets.ClassLabel(names=SHAPES))
         split = data.train_test_split(test_size=args.validation_fraction, seed=seed)
         return split["train"], split["test"]

@@ -101,6 +101,11 @@ class DataArguments:
     exclude_held_out_pairs: bool = field(
         default=False, metadata={"help": "With --generate_shapes: leave rwkv_clip_hf.shapes.held_out_pairs() out."}
     )
+    shapes_random_colors: float = field(
+        default=0.0,
+        metadata={"help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
+                  "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."},
+    )
     shapes_scene_size: int = field(
         default=1,
         metadata={"help": "With --generate_shapes: scenes of up to this many images that differ in shape only "
@@ -174,7 +179,7 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
         excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
         dataset = make_shapes_dataset(
             data_args.generate_shapes, seed=seed, image_size=max(image_size, 64), exclude_pairs=excluded,
-            scene_size=data_args.shapes_scene_size,
+            scene_size=data_args.shapes_scene_size, random_colors=data_args.shapes_random_colors,
         )
     elif data_args.dataset_name:
         if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):

@@ -108,6 +108,20 @@ def test_classification_example_excludes_held_out_pairs():
     assert {(row["color"], row["shape"]) for row in train.select_columns(["color", "shape"])} & set(held_out_pairs())
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
+    classification = load_example("finetune_classification")
+    arguments = classification.Arguments(model_name_or_path="unused", generate_shapes=60, shapes_random_colors=fraction)
+    rows = [row for split in classification.load_splits(arguments, seed=0) for row in split.select_columns(["color", "rgb"])]
+    data = contrastive.load_data(
+        contrastive.DataArguments(generate_shapes=60, shapes_random_colors=fraction, validation_fraction=0), 64, seed=0
+    )
+    data = data[0] if isinstance(data, tuple) else data
+    rows += list(data.select_columns(["color", "rgb"]))
+    named = sum(tuple(row["rgb"]) == COLORS[row["color"]] for row in rows)
+    assert named == (len(rows) if fraction == 0 else 0)
+
+
 def test_two_stage_training_runs_end_to_end(tmp_path):
     """finetune_classification.py from a saved random model, then train_contrastive.py starting its image tower
     there: both run under Trainer, the classifier writes its eval accuracy, and the result loads as RWKV-CLIP
@@ -119,14 +133,14 @@ def test_two_stage_training_runs_end_to_end(tmp_path):
               "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--use_cpu", "True"]
     stage_1 = [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--output_dir", str(tmp_path / "cls"),
                "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--exclude_held_out_pairs",
-               "--num_train_epochs", "1", "--eval_strategy", "no", "--load_best_model_at_end", "False", *common]
+               "--shapes_random_colors", "1", "--num_train_epochs", "1", "--eval_strategy", "no", "--load_best_model_at_end", "False", *common]
     result = subprocess.run(stage_1, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     accuracy = json.loads((tmp_path / "cls" / "eval_results.json").read_text())["eval_accuracy"]
     assert 0.0 <= accuracy <= 1.0
     overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
     stage_2 = [sys.executable, str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "clip"),
-               "--generate_shapes", "32", "--exclude_held_out_pairs", "--config_name", "tiny",
+               "--generate_shapes", "32", "--exclude_held_out_pairs", "--shapes_random_colors", "0.5", "--config_name", "tiny",
                "--config_overrides", json.dumps(overrides), "--vision_model_name_or_path", str(tmp_path / "cls"),
                "--caption_columns", "captions", "--num_train_epochs", "1", "--validation_fraction", "0", *common]
     result = subprocess.run(stage_2, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,9 @@ import pytest
 
 from rwkv_clip_hf.shapes import (
     BACKGROUNDS,
+    COLORS,
     COUNTS,
+    MIN_CONTRAST,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -13,6 +15,8 @@ from rwkv_clip_hf.shapes import (
     held_out_pairs,
     layout,
     make_shapes_dataset,
+    nearest_color,
+    random_rgb,
     sample_attributes,
 )
 
@@ -92,3 +96,51 @@ def test_only_pairs_limits_scene_variants():
     pairs = [("red", "circle"), ("red", "star")]
     data = make_shapes_dataset(30, seed=0, scene_size=6, only_pairs=pairs)
     assert set(zip(data["color"], data["shape"])) == set(pairs)
+
+
+def _nearest_by_hand(rgb):
+    # the name whose exact colour is closest, written out independently of nearest_color
+    best = None
+    for name, value in COLORS.items():
+        distance = sum((a - b) ** 2 for a, b in zip(rgb, value))
+        if best is None or distance < best[0]:
+            best = (distance, name)
+    return best[1]
+
+
+def test_random_colors_stay_in_their_name_and_apart_from_the_background():
+    held_out = held_out_pairs()
+    data = make_shapes_dataset(300, seed=5, scene_size=3, exclude_pairs=held_out, random_colors=1.0)
+    rows = list(data)  # decoded: PIL images
+    drawn = set()
+    for row in rows:
+        rgb = tuple(row["rgb"])
+        drawn.add(rgb)
+        assert _nearest_by_hand(rgb) == nearest_color(rgb) == row["color"]
+        assert (row["color"], row["shape"]) not in held_out
+        assert np.linalg.norm(np.subtract(rgb, BACKGROUNDS[row["background"]])) >= MIN_CONTRAST
+        pixels = np.asarray(row["image"].convert("RGB")).reshape(-1, 3)
+        assert (pixels == rgb).all(axis=1).any(), "the shape is drawn in the row's rgb"
+    assert len(drawn) > 0.9 * len({r["scene"] for r in rows})  # random colours, not the named ones
+    # a scene shares its colour, as it shares every attribute but the shape
+    for scene in {r["scene"] for r in rows}:
+        assert len({tuple(r["rgb"]) for r in rows if r["scene"] == scene}) == 1
+
+
+def test_random_colors_fraction_and_default():
+    plain = make_shapes_dataset(40, seed=2)
+    assert all(tuple(r) == COLORS[c] for r, c in zip(plain["rgb"], plain["color"]))
+    half = make_shapes_dataset(400, seed=2, random_colors=0.5)
+    named = sum(tuple(r) == COLORS[c] for r, c in zip(half["rgb"], half["color"]))
+    assert 0.35 * 400 < named < 0.65 * 400
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="random_colors"):
+            make_shapes_dataset(10, random_colors=bad)
+
+
+def test_random_rgb_refuses_unknown_names():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="unknown colour 'teal'"):
+        random_rgb("teal", "white", rng)
+    with pytest.raises(ValueError, match="unknown background 'pink'"):
+        random_rgb("red", "pink", rng)

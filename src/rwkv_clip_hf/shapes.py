@@ -125,18 +125,51 @@ def layout(size, position, count, image_size=64, rng=None) -> tuple[list[tuple[f
     return [(cx + shifts[0], cy + shifts[1]) for cx, cy in centres], radius
 
 
-def draw(shape, color, size, position, count, background, image_size=64, rng=None) -> Image.Image:
+def draw(shape, color, size, position, count, background, image_size=64, rng=None, rgb=None) -> Image.Image:
     """Render one image (see `layout` for where the shapes go). `rng` jitters positions and sizes slightly
-    (None: no jitter)."""
+    (None: no jitter). `rgb` fills the shapes with that colour instead of `COLORS[color]`."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
     canvas = ImageDraw.Draw(image)
     centres, radius = layout(size, position, count, image_size, rng)
+    fill = COLORS[color] if rgb is None else tuple(int(v) for v in rgb)
     for cx, cy in centres:
         if shape == "circle":
-            canvas.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=COLORS[color])
+            canvas.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
         else:
-            canvas.polygon(_polygon(shape, cx, cy, radius), fill=COLORS[color])
+            canvas.polygon(_polygon(shape, cx, cy, radius), fill=fill)
     return image
+
+
+def nearest_color(rgb) -> str:
+    """The name of the colour in `COLORS` nearest to `rgb` (Euclidean distance in RGB)."""
+    names = list(COLORS)
+    distances = ((np.asarray([COLORS[n] for n in names], float) - np.asarray(rgb, float)) ** 2).sum(axis=1)
+    return names[int(np.argmin(distances))]
+
+
+# a random colour must be at least this far (Euclidean, RGB) from the background: the closest named pair,
+# white on beige, is 76 apart
+MIN_CONTRAST = 70.0
+
+
+def random_rgb(color: str, background: str, rng) -> tuple[int, int, int]:
+    """A uniformly random colour whose nearest named colour (`nearest_color`) is `color` and that stands out
+    from `background` by at least `MIN_CONTRAST` (rejection sampling: every colour's share of the RGB cube is
+    above 4 % on every background)."""
+    if color not in COLORS:
+        raise ValueError(f"unknown colour {color!r}; known: {', '.join(COLORS)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; known: {', '.join(BACKGROUNDS)}")
+    named = np.asarray(list(COLORS.values()), float)
+    target = list(COLORS).index(color)
+    back = np.asarray(BACKGROUNDS[background], float)
+    for _ in range(1000):
+        candidates = rng.integers(0, 256, size=(64, 3))
+        nearest = ((candidates[:, None, :] - named[None]) ** 2).sum(axis=-1).argmin(axis=1)
+        ok = (nearest == target) & (np.linalg.norm(candidates - back, axis=1) >= MIN_CONTRAST)
+        if ok.any():
+            return tuple(int(v) for v in candidates[int(np.argmax(ok))])
+    raise RuntimeError(f"found no colour nearest to {color!r} that stands out from a {background} background")
 
 
 def caption(template: str, shape, color, size, position, count, background) -> str:
@@ -190,6 +223,7 @@ def make_shapes_dataset(
     exclude_pairs: Iterable = (),
     only_pairs: Iterable | None = None,
     scene_size: int = 1,
+    random_colors: float = 0.0,
 ):
     """A `datasets.Dataset` with columns `image` (PIL), `caption` (one phrasing), `captions` (several
     phrasings, for text augmentation), the attributes `shape`, `color`, `size`, `position`, `count`,
@@ -199,22 +233,34 @@ def make_shapes_dataset(
     position, count and background and differ in shape only, and share a `scene` id. In one contrastive batch
     they are hard negatives for each other, which teaches shapes faster than random batches (whose captions
     can mostly be told apart by colour alone); `RWKVCLIPTrainer(group_by_column="scene")` keeps scenes
-    together. With `scene_size=1`, `scene` is the row index."""
+    together. With `scene_size=1`, `scene` is the row index.
+
+    `random_colors=p` draws the shapes of a fraction p of the scenes in a random colour instead of the exact
+    `COLORS` value: uniform over the colours whose nearest named colour is the row's `color` (so captions stay
+    true, and an excluded pair's colours are never drawn with its shape), at least `MIN_CONTRAST` from the
+    background. It breaks the tie between a shape and the few exact colours it comes in, so that a tower
+    trained on shapes recognises them in colours it never saw them in. The `rgb` column holds the colour drawn."""
     from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if not 0.0 <= random_colors <= 1.0:
+        raise ValueError(f"random_colors is a fraction of the scenes, between 0 and 1; got {random_colors}")
     if not 1 <= scene_size <= len(SHAPES):
         raise ValueError(f"scene_size must be between 1 and {len(SHAPES)} (the number of shapes), got {scene_size}")
     templates = templates or TRAIN_TEMPLATES
     rng = np.random.default_rng(seed)
-    columns = ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label", "scene")
+    columns = ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label", "scene", "rgb")
     rows = {k: [] for k in columns}
     scene = 0
     while len(rows["image"]) < num_samples:
         attributes = sample_attributes(rng, exclude_pairs, only_pairs)
+        rgb = COLORS[attributes["color"]]
+        # (no random draws at all without random_colors: the datasets it makes stay as they were)
+        if random_colors > 0 and rng.random() < random_colors:
+            rgb = random_rgb(attributes["color"], attributes["background"], rng)
         for variant in scene_variants(attributes, scene_size, rng, exclude_pairs, only_pairs)[: num_samples - len(rows["image"])]:
-            image = draw(**variant, image_size=image_size, rng=rng)
+            image = draw(**variant, image_size=image_size, rng=rng, rgb=rgb)
             chosen = rng.choice(templates, size=captions_per_image, replace=len(templates) < captions_per_image)
             phrasings = [caption(str(t), **variant) for t in chosen]
             rows["image"].append(image)
@@ -224,6 +270,7 @@ def make_shapes_dataset(
                 rows[key].append(value)
             rows["label"].append(SHAPES.index(variant["shape"]))
             rows["scene"].append(scene if scene_size > 1 else len(rows["scene"]))
+            rows["rgb"].append(list(rgb))
         scene += 1
     features = Features(
         {
@@ -238,6 +285,7 @@ def make_shapes_dataset(
             "background": Value("string"),
             "label": Value("int64"),
             "scene": Value("int64"),
+            "rgb": Sequence(Value("uint8"), length=3),
         }
     )
     return Dataset.from_dict(rows, features=features)
@@ -246,6 +294,7 @@ def make_shapes_dataset(
 __all__ = [
     "BACKGROUNDS",
     "COLORS",
+    "MIN_CONTRAST",
     "POSITIONS",
     "SHAPES",
     "SIZES",
@@ -256,5 +305,7 @@ __all__ = [
     "held_out_pairs",
     "layout",
     "make_shapes_dataset",
+    "nearest_color",
+    "random_rgb",
     "scene_variants",
 ]
