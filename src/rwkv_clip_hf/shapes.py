@@ -140,11 +140,15 @@ def draw(shape, color, size, position, count, background, image_size=64, rng=Non
     return image
 
 
+def _nearest_color_index(rgb) -> np.ndarray:
+    """Index into `COLORS` of the named colour nearest (Euclidean, RGB) to each colour of `rgb` (..., 3)."""
+    named = np.asarray(list(COLORS.values()), float)
+    return ((np.asarray(rgb, float)[..., None, :] - named) ** 2).sum(axis=-1).argmin(axis=-1)
+
+
 def nearest_color(rgb) -> str:
     """The name of the colour in `COLORS` nearest to `rgb` (Euclidean distance in RGB)."""
-    names = list(COLORS)
-    distances = ((np.asarray([COLORS[n] for n in names], float) - np.asarray(rgb, float)) ** 2).sum(axis=1)
-    return names[int(np.argmin(distances))]
+    return list(COLORS)[int(_nearest_color_index(rgb))]
 
 
 # a random colour must be at least this far (Euclidean, RGB) from the background: the closest named pair,
@@ -160,13 +164,11 @@ def random_rgb(color: str, background: str, rng) -> tuple[int, int, int]:
         raise ValueError(f"unknown colour {color!r}; known: {', '.join(COLORS)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; known: {', '.join(BACKGROUNDS)}")
-    named = np.asarray(list(COLORS.values()), float)
     target = list(COLORS).index(color)
     back = np.asarray(BACKGROUNDS[background], float)
     for _ in range(1000):
         candidates = rng.integers(0, 256, size=(64, 3))
-        nearest = ((candidates[:, None, :] - named[None]) ** 2).sum(axis=-1).argmin(axis=1)
-        ok = (nearest == target) & (np.linalg.norm(candidates - back, axis=1) >= MIN_CONTRAST)
+        ok = (_nearest_color_index(candidates) == target) & (np.linalg.norm(candidates - back, axis=1) >= MIN_CONTRAST)
         if ok.any():
             return tuple(int(v) for v in candidates[int(np.argmax(ok))])
     raise RuntimeError(f"found no colour nearest to {color!r} that stands out from a {background} background")
