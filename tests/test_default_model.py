@@ -39,19 +39,48 @@ def test_bundled_model_loads_offline_and_is_small():
     assert processor.tokenizer.model_max_length == model.config.text_config.max_position_embeddings
 
 
-def test_model_card_reports_the_saved_evaluation():
-    results = json.loads((MODEL_DIR / "eval_results.json").read_text())
-    card = (MODEL_DIR / "README.md").read_text()
+def check_card(card: str, results: dict) -> None:
+    """The card reports every figure of `results` (eval_results.json), and its verdict follows from them."""
     assert card.startswith("---\n") and "pipeline_tag: zero-shot-image-classification" in card
+    assert "make default-model" in card
+    text = " ".join(card.split())
+    results = dict(results)
+    vision = results.pop("step_1_shape_classifier", None)
+    if vision is not None:
+        assert (
+            f"{100 * vision['held_back']:.1f} % shape accuracy on the held-back images; on the evaluation's new images "
+            f"(exact named colours), {100 * vision['seen']:.1f} % on seen pairs and {100 * vision['held_out']:.1f} % "
+            "on the held-out pairs." in text
+        )
     for name, result in results.items():
         assert f"| {name.replace('_', ' ')} | {result['classes']} | {100 * result['accuracy']:.1f} % |" in card
-    assert "make default-model" in card
     # the held-out breakdown and the verdict are derived from the same evaluation, not written by hand
-    text = " ".join(card.split())
     held_out = results["held_out_color_shape"]
     assert f"colour right {100 * held_out['color_right']:.1f} % and the shape right {100 * held_out['shape_right']:.1f} %" in text
     verdict = "is met" if held_out["accuracy"] >= 0.9 else "is not reached"
     assert f"in training, {verdict} ({100 * held_out['accuracy']:.1f} %)" in text
+
+
+def test_model_card_reports_the_saved_evaluation():
+    results = json.loads((MODEL_DIR / "eval_results.json").read_text())
+    check_card((MODEL_DIR / "README.md").read_text(), results)
+
+
+def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path):
+    """`make default-model` at toy sizes: both training steps, the step-1 check, the zero-shot evaluation, and
+    a bundle whose card reports the run's own figures."""
+    output = tmp_path / "model"
+    command = [sys.executable, str(ROOT / "examples" / "build_default_model.py"), "--output", str(output),
+               "--work-dir", str(tmp_path / "work"), "--pretrain-samples", "40", "--pretrain-epochs", "1",
+               "--train-samples", "32", "--epochs", "1", "--eval-samples", "12", "--batch-size", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    results = json.loads((output / "eval_results.json").read_text())
+    assert set(results["step_1_shape_classifier"]) == {"held_back", "seen", "held_out"}
+    assert all(row["samples"] == 12 for name, row in results.items() if name != "step_1_shape_classifier")
+    check_card((output / "README.md").read_text(), results)
+    assert isinstance(AutoModel.from_pretrained(output), RWKVCLIPModel)
+    assert not output.with_name("model.tmp").exists()
 
 
 def test_demo_prints_the_right_top_label_for_every_bundled_example(tmp_path):
