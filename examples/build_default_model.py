@@ -210,7 +210,8 @@ def colors(fraction: float) -> str:
     if fraction == 0:
         return "every shape in its colour name's exact value"
     share = "every shape" if fraction == 1 else f"the shapes of {100 * fraction:.0f} % of the scenes"
-    return f"{share} in a random colour of its colour name's range (`--shapes_random_colors {fraction:g}`)"
+    whose = "its" if fraction == 1 else "their"
+    return f"{share} in a random colour of {whose} colour name's range (`--shapes_random_colors {fraction:g}`)"
 
 
 def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict | None) -> str:
@@ -298,9 +299,9 @@ learnt less well than colour and shape (table above).
 
 Why the two steps: trained contrastively with both towers from scratch (the previous bundled models, up to 6,260
 steps of batch 64), this tower reached 63 % on shape and 55-60 % on the held-out pairs; captions teach colour
-long before shape. Trained on the shape label, the same tower is above 90 % after 600 steps. What limits the
-held-out pairs is step 2: contrastive training of the whole model loses part of the shape knowledge of step 1
-(step 1's held-out figure above against "held out shape" in the table).
+long before shape. Trained on the shape label, the same tower is above 90 % after 600 steps. In the runs measured
+so far (the project README, "Colour variation"), step 2, which trains the whole model contrastively, loses part of
+step 1's shape knowledge: compare step 1's held-out figure above with "held out shape" in the table.
 
 The bundled example images in `examples/images/` are single, clear drawings.
 
