@@ -88,6 +88,11 @@ class ModelArguments:
         metadata={"help": "Train from scratch, but start the image tower from this checkpoint: a classifier saved by "
                   "finetune_classification.py or any RWKV-CLIP directory (its vision architecture must match the config)."},
     )
+    freeze_vision_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower, the "
+                  "projections and the temperature train. Useful with --vision_model_name_or_path."},
+    )
 
 
 @dataclass
@@ -212,6 +217,8 @@ def main():
     set_seed(training_args.seed)
 
     model = build_model(model_args)
+    if model_args.freeze_vision_model:
+        model.vision_model.requires_grad_(False)
     image_size = model.config.vision_config.image_size
     if model_args.model_name_or_path:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
