@@ -152,6 +152,16 @@ def test_two_stage_training_runs_end_to_end(tmp_path):
     start, end = classifier.vision_model.state_dict()[patch], trained.vision_model.state_dict()[patch]
     assert start.shape == end.shape and not torch.equal(start, end)  # trained on (the copy itself: tests above)
 
+    # the same step with a locked image tower: the tower stays the classifier's, bit for bit (the unlocked run
+    # above changed it)
+    locked = [str(tmp_path / "locked") if a == str(tmp_path / "clip") else a for a in stage_2]
+    result = subprocess.run([*locked, "--freeze_vision_model", "True"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    locked_tower = RWKVCLIPModel.from_pretrained(tmp_path / "locked").vision_model.state_dict()
+    tower = classifier.vision_model.state_dict()
+    assert locked_tower.keys() == tower.keys()
+    assert all(torch.equal(tower[k], v) for k, v in locked_tower.items())
+
 
 def test_similarity_heatmap_writes_the_matrix_of_the_model(tmp_path, capsys):
     heatmap = load_example("similarity_heatmap")
@@ -176,13 +186,3 @@ def test_similarity_heatmap_writes_the_matrix_of_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not exist"):
         heatmap.main(["--output", str(tmp_path / "no" / "such" / "dir.png")])
     assert not (tmp_path / "other.png").exists()
-
-    # the same step with a locked image tower: the tower stays the classifier's, bit for bit (the unlocked run
-    # above changed it)
-    locked = [str(tmp_path / "locked") if a == str(tmp_path / "clip") else a for a in stage_2]
-    result = subprocess.run([*locked, "--freeze_vision_model", "True"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    locked_tower = RWKVCLIPModel.from_pretrained(tmp_path / "locked").vision_model.state_dict()
-    tower = classifier.vision_model.state_dict()
-    assert locked_tower.keys() == tower.keys()
-    assert all(torch.equal(tower[k], v) for k, v in locked_tower.items())
