@@ -108,6 +108,36 @@ def test_classification_example_excludes_held_out_pairs():
     assert {(row["color"], row["shape"]) for row in train.select_columns(["color", "shape"])} & set(held_out_pairs())
 
 
+@pytest.mark.parametrize("label", ["shape", "color", "pair", "shape_or_color"])
+def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(label):
+    classification = load_example("finetune_classification")
+    arguments = classification.Arguments(
+        model_name_or_path="unused", generate_shapes=200, exclude_held_out_pairs=True, shapes_label=label
+    )
+    names = {"shape": SHAPES, "color": list(COLORS), "pair": [f"{c} {s}" for c in COLORS for s in SHAPES],
+             "shape_or_color": SHAPES + list(COLORS)}[label]
+    by = []
+    for split in classification.load_splits(arguments, seed=0):
+        assert split.features["label"].names == names
+        for row in split.select_columns(["label", "color", "shape"]):
+            name = names[row["label"]]
+            if label == "pair":
+                assert name == f"{row['color']} {row['shape']}"
+            elif label == "shape_or_color":
+                assert name in (row["color"], row["shape"])
+                by.append(name == row["shape"])
+            else:
+                assert name == row[label]
+    if label == "shape_or_color":  # half the images by their shape, half by their colour
+        assert len(by) == 200 and sum(by) == 100
+    if label == "pair":  # an unknown kind of label is refused by the argument parser, naming the choices
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--shapes_label", "size",
+             "--output_dir", "unused", "--model_name_or_path", "unused"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2 and "invalid choice: 'size'" in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
     classification = load_example("finetune_classification")
