@@ -20,7 +20,8 @@ Hard negatives: batches made of whole groups of rows that share a column's value
         --group_by_column scene --config_name tiny --num_train_epochs 3 --per_device_train_batch_size 64
 
 Image tower pre-trained on labels first (a classifier saved by finetune_classification.py, same vision
-architecture), text tower from scratch (how the bundled default model is trained):
+architecture), text tower from scratch (how the bundled default model is trained, with `--freeze_vision_model True`:
+the image tower then stays the classifier's):
 
     python examples/train_contrastive.py --output_dir runs/two-stage --generate_shapes 2000 --config_name tiny \
         --vision_model_name_or_path runs/cls --num_train_epochs 3 --per_device_train_batch_size 64
