@@ -11,8 +11,8 @@
 2. Trains the RWKV-CLIP contrastively with `examples/train_contrastive.py` (Trainer, the paper's optimiser
    settings, one of three caption phrasings per image and step), text tower from scratch, image tower from
    step 1 and kept fixed (`--freeze-vision`: locked-image tuning, as in LiT), on the captioned shapes dataset
-   (`rwkv_clip_hf.shapes`) without the held-out pairs, in batches of whole scenes of up to 3 images that differ
-   in shape only (hard negatives).
+   (`rwkv_clip_hf.shapes`, in random colours too, `--random-colors`) without the held-out pairs, in batches of
+   whole scenes of up to 3 images that differ in shape only (hard negatives).
 3. Evaluates it with `rwkv-clip-eval zero-shot` on freshly generated test images: the held-out colour x shape
    pairs, seen pairs, and the harder attributes (size, position, count, background), all with prompt phrasings
    never used in training.
@@ -381,7 +381,7 @@ def main():
                              "seen); or the 6 shapes and 8 colours, half the images labelled by shape, half by colour")
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                         help="step 2 trains the text tower and the projections only; the image tower stays step 1's")
-    parser.add_argument("--random-colors", type=float, default=0.0,
+    parser.add_argument("--random-colors", type=float, default=1.0,
                         help="the same for step 2's images (the rest are drawn in the exact named colours)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediate files here")
