@@ -37,7 +37,9 @@ from transformers import pipeline
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.evaluation.cli import run as run_eval
-from rwkv_clip_hf.shapes import BACKGROUNDS, COLORS, COUNTS, POSITIONS, SHAPES, SIZES, held_out_pairs, make_shapes_dataset
+from rwkv_clip_hf.shapes import (
+    BACKGROUNDS, COLORS, COUNTS, POSITIONS, SHAPES, SIZES, held_out_pairs, make_shapes_dataset, pair_name,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +53,6 @@ ARCHITECTURE = {
                       "mix_lora_rank": 8, "decay_lora_rank": 16, "image_size": IMAGE_SIZE, "patch_size": 8,
                       "drop_path_rate": 0.0},
 }
-
-
-def pair_name(color: str, shape: str) -> str:
-    return f"{color} {shape}"
 
 
 def evaluation_images(samples: int, seed: int):

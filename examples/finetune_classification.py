@@ -32,7 +32,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
-from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset
+from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
 from rwkv_clip_hf.training import ClassificationTransform, RWKVCLIPTrainer, classification_collator, compute_accuracy
 
 
@@ -81,7 +81,7 @@ def shapes_label(kind: str, index: int, color: str, shape: str) -> str:
     """The class name of generated row `index` for `--shapes_label kind`."""
     if kind == "color" or (kind == "shape_or_color" and index % 2):
         return color
-    return f"{color} {shape}" if kind == "pair" else shape
+    return pair_name(color, shape) if kind == "pair" else shape
 
 
 def load_splits(args: Arguments, seed: int):
@@ -93,7 +93,7 @@ def load_splits(args: Arguments, seed: int):
         names = {
             "shape": SHAPES,
             "color": list(COLORS),
-            "pair": [f"{c} {s}" for c in COLORS for s in SHAPES],
+            "pair": [pair_name(c, s) for c in COLORS for s in SHAPES],
             "shape_or_color": SHAPES + list(COLORS),
         }[args.shapes_label]
         labels = [

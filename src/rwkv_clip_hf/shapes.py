@@ -54,6 +54,12 @@ TRAIN_TEMPLATES = [
 TEST_TEMPLATES = ["a photo of {a} {color} {shape}.", "this is {a} {color} {shape}."]
 
 
+def pair_name(color: str, shape: str) -> str:
+    """The class name of a colour x shape pair ("red circle"): the classifier labels of
+    `finetune_classification.py --shapes_label pair` and the default model's zero-shot classes."""
+    return f"{color} {shape}"
+
+
 def held_out_pairs(fraction: float = 0.2, seed: int = 1234) -> list[tuple[str, str]]:
     """A reproducible set of (colour, shape) pairs to keep out of training; every colour and shape still
     appears in training in other combinations."""
@@ -308,6 +314,7 @@ __all__ = [
     "layout",
     "make_shapes_dataset",
     "nearest_color",
+    "pair_name",
     "random_rgb",
     "scene_variants",
 ]
