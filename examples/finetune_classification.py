@@ -1,8 +1,8 @@
 """Image classification with the RWKV-CLIP vision tower: linear probing or full fine-tuning under Trainer.
 
-Quick run on CPU (generated shapes, labels = the shape, or with `--shapes_label color|pair|shape_or_color` the
-colour, the colour x shape pair, or the shape of half of the images and the colour of the others; the tower of a
-model trained by train_contrastive.py):
+Quick run on CPU (generated shapes, labels = the shape, or with `--shapes_label color|pair|shape_or_color|
+shape_and_color` the colour, the colour x shape pair, the shape of half of the images and the colour of the others,
+or both the shape and the colour of every image (multi-label); the tower of a model trained by train_contrastive.py):
 
     python examples/finetune_classification.py --output_dir runs/cls --model_name_or_path runs/tiny \
         --generate_shapes 1000 --num_train_epochs 3 --per_device_train_batch_size 64
@@ -11,7 +11,9 @@ Linear probe (frozen tower, only the linear head trains):
 
     python examples/finetune_classification.py ... --linear_probe --learning_rate 1e-2 --weight_decay 0
 
-Your data: any `datasets` dataset with an image column and an integer (ClassLabel) label column:
+Your data: any `datasets` dataset with an image column and an integer (ClassLabel) label column, or for
+multi-label classification a column of lists of classes (`Sequence(ClassLabel)`; sigmoid and binary cross-entropy,
+accuracy = rows whose every label is right):
 
     python examples/finetune_classification.py --output_dir runs/cifar --model_name_or_path path/to/rwkv-clip-b32 \
         --dataset_name uoft-cs/cifar10 --image_column img --label_column label --eval_split test
@@ -65,8 +67,10 @@ class Arguments:
                   "(all 48 are classes, also the held-out ones that --exclude_held_out_pairs leaves out); or "
                   "shape_or_color: 14 classes, the 6 shapes and the 8 colours, every other image labelled by its "
                   "shape, the rest by its colour, so that one head learns both apart (held-back accuracy is then at "
-                  "most about 50 %: the model cannot know which of the two an image was labelled with).",
-                  "choices": ["shape", "color", "pair", "shape_or_color"]},
+                  "most about 50 %: the model cannot know which of the two an image was labelled with); or "
+                  "shape_and_color: the same 14 classes as multi-label classification, every image labelled with "
+                  "both its shape and its colour.",
+                  "choices": ["shape", "color", "pair", "shape_or_color", "shape_and_color"]},
     )
     train_split: str = field(default="train")
     eval_split: str | None = field(default=None, metadata={"help": "Default: hold out --validation_fraction of train."})
@@ -77,8 +81,10 @@ class Arguments:
     max_train_samples: int | None = field(default=None)
 
 
-def shapes_label(kind: str, index: int, color: str, shape: str) -> str:
-    """The class name of generated row `index` for `--shapes_label kind`."""
+def shapes_label(kind: str, index: int, color: str, shape: str) -> str | list[str]:
+    """The class name of generated row `index` for `--shapes_label kind` (two names for shape_and_color)."""
+    if kind == "shape_and_color":
+        return [shape, color]
     if kind == "color" or (kind == "shape_or_color" and index % 2):
         return color
     return pair_name(color, shape) if kind == "pair" else shape
@@ -95,11 +101,15 @@ def load_splits(args: Arguments, seed: int):
             "color": list(COLORS),
             "pair": [pair_name(c, s) for c in COLORS for s in SHAPES],
             "shape_or_color": SHAPES + list(COLORS),
+            "shape_and_color": SHAPES + list(COLORS),
         }[args.shapes_label]
-        labels = [
-            names.index(shapes_label(args.shapes_label, i, c, s)) for i, (c, s) in enumerate(zip(data["color"], data["shape"]))
-        ]
-        data = data.remove_columns("label").add_column("label", labels, feature=datasets.ClassLabel(names=names))
+        labels = [shapes_label(args.shapes_label, i, c, s) for i, (c, s) in enumerate(zip(data["color"], data["shape"]))]
+        feature = datasets.ClassLabel(names=names)
+        if args.shapes_label == "shape_and_color":
+            labels, feature = [[names.index(n) for n in row] for row in labels], datasets.Sequence(feature)
+        else:
+            labels = [names.index(n) for n in labels]
+        data = data.remove_columns("label").add_column("label", labels, feature=feature)
         split = data.train_test_split(test_size=args.validation_fraction, seed=seed)
         return split["train"], split["test"]
     if not args.dataset_name:
@@ -130,9 +140,23 @@ def main():
         if column not in train.column_names:
             raise SystemExit(f"column {column!r} not in the dataset (it has {train.column_names})")
     feature = train.features[args.label_column]
-    names = feature.names if isinstance(feature, datasets.ClassLabel) else sorted(set(train[args.label_column]))
+    multi_label = isinstance(feature, (datasets.List, datasets.LargeList, list))
+    if multi_label:  # a list of classes per image
+        feature = feature[0] if isinstance(feature, list) else feature.feature
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+    elif multi_label:
+        names = sorted({c for row in train[args.label_column] for c in row})
+    else:
+        names = sorted(set(train[args.label_column]))
+    if not isinstance(feature, datasets.ClassLabel) and names != list(range(len(names))):
+        raise SystemExit(
+            f"label column {args.label_column!r} must be a ClassLabel (or a list of ClassLabel) or hold the integers "
+            f"0..N-1; it holds {names[:5]}"
+        )
     model = RWKVCLIPForImageClassification.from_pretrained(
         args.model_name_or_path,
+        problem_type="multi_label_classification" if multi_label else "single_label_classification",
         num_labels=len(names),
         id2label=dict(enumerate(map(str, names))),
         label2id={str(n): i for i, n in enumerate(names)},
@@ -144,7 +168,7 @@ def main():
     except OSError:
         size = model.config.vision_config.image_size
         image_processor = RWKVCLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
-    transform = ClassificationTransform(image_processor, args.image_column, args.label_column)
+    transform = ClassificationTransform(image_processor, args.image_column, args.label_column, num_labels=len(names))
     train.set_transform(transform)
     evaluation.set_transform(transform)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import randomize_, real_vocab_config
@@ -108,18 +109,25 @@ def test_classification_example_excludes_held_out_pairs():
     assert {(row["color"], row["shape"]) for row in train.select_columns(["color", "shape"])} & set(held_out_pairs())
 
 
-@pytest.mark.parametrize("label", ["shape", "color", "pair", "shape_or_color"])
+@pytest.mark.parametrize("label", ["shape", "color", "pair", "shape_or_color", "shape_and_color"])
 def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(label):
     classification = load_example("finetune_classification")
     arguments = classification.Arguments(
         model_name_or_path="unused", generate_shapes=200, exclude_held_out_pairs=True, shapes_label=label
     )
     names = {"shape": SHAPES, "color": list(COLORS), "pair": [f"{c} {s}" for c in COLORS for s in SHAPES],
-             "shape_or_color": SHAPES + list(COLORS)}[label]
+             "shape_or_color": SHAPES + list(COLORS), "shape_and_color": SHAPES + list(COLORS)}[label]
     by = []
     for split in classification.load_splits(arguments, seed=0):
-        assert split.features["label"].names == names
+        feature = split.features["label"]
+        if label == "shape_and_color":  # multi-label: a list of classes per image
+            assert isinstance(feature, datasets.List) and feature.feature.names == names
+        else:
+            assert feature.names == names
         for row in split.select_columns(["label", "color", "shape"]):
+            if label == "shape_and_color":
+                assert [names[i] for i in row["label"]] == [row["shape"], row["color"]]
+                continue
             name = names[row["label"]]
             if label == "pair":
                 assert name == f"{row['color']} {row['shape']}"

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import randomize_, real_vocab_config
+from transformers import EvalPrediction
 
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import COLORS, make_shapes_dataset
@@ -297,6 +298,35 @@ def test_classification_under_trainer(tmp_path, processor, shapes):
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
+
+
+def test_multi_label_transform_collator_loss_and_accuracy(processor, shapes):
+    # lists of classes -> multi-hot rows -> a float label matrix -> binary cross-entropy, exact-match accuracy
+    transform = ClassificationTransform(processor.image_processor, "image", "classes", num_labels=5)
+    batch = transform({"image": list(shapes[:3]["image"]), "classes": [[0, 3], [4], []]})
+    expected = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    collated = classification_collator([{"pixel_values": p, "labels": y} for p, y in zip(batch["pixel_values"], batch["labels"])])
+    assert collated["labels"].dtype == torch.float32 and torch.equal(collated["labels"], expected)
+    assert collated["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    single = classification_collator([{"pixel_values": batch["pixel_values"][0], "labels": 2}])
+    assert single["labels"].dtype == torch.long and single["labels"].tolist() == [2]
+
+    with pytest.raises(ValueError, match="num_labels"):
+        ClassificationTransform(processor.image_processor, "image", "classes")({"image": [shapes[0]["image"]], "classes": [[1]]})
+    with pytest.raises(ValueError, match=r"'classes': class 5 is not in \[0, 5\)"):
+        transform({"image": [shapes[0]["image"]], "classes": [[5]]})
+
+    config = real_vocab_config()
+    config.num_labels, config.problem_type = 5, "multi_label_classification"
+    model = RWKVCLIPForImageClassification(config)
+    out = model(**collated)
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(out.logits.double(), expected.double())
+    torch.testing.assert_close(out.loss.double(), reference, rtol=1e-6, atol=1e-7)
+
+    # a row counts when every one of its labels is right (logit > 0 <=> probability > 0.5)
+    logits = np.array([[2.0, -1, -1, 0.5, -3], [1.0, -1, -1, -1, 2], [-1.0, -2, -1, -1, -1]])
+    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=expected.numpy()))["accuracy"] == pytest.approx(2 / 3)
+    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=np.array([0, 4, 1])))["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_linear_probe_freezes_the_tower():

@@ -133,26 +133,51 @@ class ContrastiveCollator:
 
 
 class ClassificationTransform:
-    """`dataset.set_transform(ClassificationTransform(image_processor))`: rows -> `pixel_values` + `labels`."""
+    """`dataset.set_transform(ClassificationTransform(image_processor))`: rows -> `pixel_values` + `labels`.
 
-    def __init__(self, image_processor, image_column: str = "image", label_column: str = "label"):
+    A label is a class index, or, for multi-label classification, a list of class indices (e.g. a
+    `Sequence(ClassLabel)` column), which becomes a multi-hot float vector of length `num_labels`.
+    """
+
+    def __init__(self, image_processor, image_column: str = "image", label_column: str = "label",
+                 num_labels: int | None = None):
         self.image_processor = image_processor
         self.image_column = image_column
         self.label_column = label_column
+        self.num_labels = num_labels
 
     def __call__(self, batch: dict) -> dict:
         missing = [c for c in (self.image_column, self.label_column) if c not in batch]
         if missing:
             raise KeyError(_missing_columns_message(missing, batch))
         pixels = self.image_processor(batch[self.image_column], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": list(pixels), "labels": list(batch[self.label_column])}
+        return {"pixel_values": list(pixels), "labels": [self._label(label) for label in batch[self.label_column]]}
+
+    def _label(self, label):
+        if not isinstance(label, (list, tuple)):
+            return label
+        if self.num_labels is None:
+            raise ValueError(
+                f"column {self.label_column!r} holds lists of classes (multi-label); "
+                "give ClassificationTransform(..., num_labels=N) to turn them into multi-hot vectors"
+            )
+        bad = [c for c in label if not 0 <= int(c) < self.num_labels]
+        if bad:
+            raise ValueError(f"column {self.label_column!r}: class {bad[0]} is not in [0, {self.num_labels})")
+        hot = torch.zeros(self.num_labels)
+        hot[[int(c) for c in label]] = 1.0
+        return hot
 
 
 def classification_collator(features: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
-        "labels": torch.tensor([int(f["labels"]) for f in features]),
-    }
+    """Stacks `pixel_values`; labels become a `(batch,)` long tensor of class indices, or, when they are
+    multi-hot vectors (multi-label classification), a `(batch, num_labels)` float tensor."""
+    labels = [f["labels"] for f in features]
+    if torch.as_tensor(labels[0]).dim() > 0:
+        labels = torch.stack([torch.as_tensor(label, dtype=torch.float32) for label in labels])
+    else:
+        labels = torch.tensor([int(label) for label in labels])
+    return {"pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]), "labels": labels}
 
 
 class LogitScaleClampCallback(TrainerCallback):
@@ -283,13 +308,14 @@ def _bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def accuracy_metric():
-    """transformers' usual `evaluate.load("accuracy")`; offline without a cached copy, the same metric
-    computed locally (with a warning), so `compute_metrics` works everywhere."""
+def accuracy_metric(config_name: str | None = None):
+    """transformers' usual `evaluate.load("accuracy")` (`config_name="multilabel"`: exact match of multi-hot
+    rows); offline without a cached copy, the same metric computed locally (with a warning), so
+    `compute_metrics` works everywhere."""
     import evaluate
 
     try:
-        return evaluate.load("accuracy")
+        return evaluate.load("accuracy", config_name)
     except Exception as error:  # offline and not cached: evaluate raises various connection errors
         logger.warning_once(f"evaluate.load('accuracy') unavailable ({type(error).__name__}); using a local accuracy")
         return _LocalAccuracy()
@@ -298,14 +324,22 @@ def accuracy_metric():
 class _LocalAccuracy:
     def compute(self, predictions, references):
         predictions, references = np.asarray(predictions), np.asarray(references)
-        return {"accuracy": float((predictions == references).mean())}
+        correct = predictions == references
+        if correct.ndim > 1:  # multi-label: a row is right when all of its labels are
+            correct = correct.all(axis=tuple(range(1, correct.ndim)))
+        return {"accuracy": float(correct.mean())}
 
 
 def compute_accuracy(eval_prediction) -> dict:
-    """`compute_metrics` for classification: top-1 accuracy of the logits' argmax."""
+    """`compute_metrics` for classification: top-1 accuracy of the logits' argmax; for multi-label classification
+    (multi-hot label rows), the fraction of rows whose every label is right (logit > 0, i.e. probability > 0.5)."""
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
+    labels = np.asarray(labels)
+    if labels.ndim > 1:
+        predictions = (np.asarray(logits) > 0).astype(np.int64)
+        return accuracy_metric("multilabel").compute(predictions=predictions, references=labels.astype(np.int64))
     return accuracy_metric().compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
 
