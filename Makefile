@@ -43,9 +43,9 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
 # Regenerate the bundled default model (src/rwkv_clip_hf/default_model/): data, training, evaluation, model
-# card; about 30 minutes on 2 CPU cores (image tower on colour x shape labels, 28,000 images x 7 epochs; then the
-# text tower contrastively against the locked image tower, 16,000 images in random colours, in scenes of 3 x 14
-# epochs).
+# card; about 50 minutes on 2 CPU cores (image tower on colour x shape labels, 28,000 images x 7 epochs; then the
+# text tower contrastively against the locked image tower, 32,000 images in random colours, in scenes of 3 x 14
+# epochs; then 2,000 new test images per evaluation row).
 default-model: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) examples/build_default_model.py
 

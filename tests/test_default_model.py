@@ -71,7 +71,7 @@ def test_model_card_reports_the_saved_evaluation():
     check_card((MODEL_DIR / "README.md").read_text(), results)
 
 
-@pytest.mark.parametrize("variant", [[], ["--pretrain-label", "shape_or_color", "--no-freeze-vision"]])
+@pytest.mark.parametrize("variant", [[], ["--pretrain-label", "shape_and_color", "--no-freeze-vision"]])
 def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path, variant):
     """`make default-model` at toy sizes (its recipe, and a variant): both training steps, the step-1 check, the
     zero-shot evaluation, and a bundle whose card reports the run's own figures."""
@@ -91,6 +91,7 @@ def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path, va
     # the recipe's step 2 keeps step 1's image tower (up to the float16 storage); --no-freeze-vision trains it
     classifier = RWKVCLIPForImageClassification.from_pretrained(tmp_path / "work" / "vision")
     assert classifier.config.num_labels == (14 if variant else 48)
+    assert classifier.config.problem_type == ("multi_label_classification" if variant else "single_label_classification")
     tower = classifier.vision_model.state_dict()
     same = [torch.equal(tower[k].half().float(), v) for k, v in model.vision_model.state_dict().items()]
     assert all(same) if not variant else not all(same)
