@@ -146,6 +146,25 @@ def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(
         assert result.returncode == 2 and "invalid choice: 'size'" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("labels", [["cat", "dog", "cat"], [[0, 2], [2], [5]]])
+def test_classification_example_refuses_labels_that_are_not_class_indices(tmp_path, labels):
+    """Plain (not ClassLabel) label columns must hold the class indices 0..N-1, single or multi-label."""
+    images = [Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue")]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images, "label": labels}),
+        "test": datasets.Dataset.from_dict({"image": images, "label": labels}),
+    }).save_to_disk(str(tmp_path / "data"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--output_dir", str(tmp_path / "out"),
+         "--model_name_or_path", "unused", "--dataset_name", str(tmp_path / "data"), "--eval_split", "test"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "label column 'label' must be a ClassLabel" in result.stderr, result.stderr[-2000:]
+    assert str(sorted({c for row in labels for c in (row if isinstance(row, list) else [row])})) in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
     classification = load_example("finetune_classification")
