@@ -4,6 +4,9 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The kernel built by `make kernels` under its Hub repo id (a `kernels` feature): tests, the demo and the benchmarks
+# use it without the Hub; without a build, the models fall back to the PyTorch path.
+export LOCAL_KERNELS ?= rwkv-clip-hf/bi-wkv=$(CURDIR)/cuda
 
 .PHONY: install kernels kernels-cuda kernels-cuda-check test test-all demo default-model bench bench-bi-wkv bench-train clean
 
@@ -30,7 +33,7 @@ kernels-cuda-check: $(STAMP)
 	$(PY) cuda/build.py --cuda-compile-only
 
 # The test command of README.md and CI: offline, CPU only, with the CPU kernel built and required.
-# The tests find the build through LOCAL_KERNELS=<repo id>=cuda/ (tests/ops/test_bi_wkv_kernel.py).
+# The tests find the build through LOCAL_KERNELS (above; tests/conftest.py sets the same default).
 test: $(STAMP) kernels
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 

@@ -120,6 +120,12 @@ class DataArguments:
     group_by_column: str | None = field(
         default=None, metadata={"help": "Keep rows that share this column's value in one batch (hard negatives)."}
     )
+    contrastive_micro_batches: int = field(
+        default=1,
+        metadata={"help": "Split each batch into this many micro-batches with every negative kept (GradCache): "
+                  "the gradients of the whole batch with the memory of one micro-batch. Use it instead of "
+                  "--gradient_accumulation_steps, which gives each micro-batch only its own negatives."},
+    )
     image_column: str = field(default="image")
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
     caption_probabilities: list[float] | None = field(default=None)
@@ -248,6 +254,7 @@ def main():
         eval_dataset=validation,
         data_collator=ContrastiveCollator(processor.tokenizer),
         group_by_column=data_args.group_by_column,
+        contrastive_micro_batches=data_args.contrastive_micro_batches,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)

@@ -7,6 +7,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+# The Bi-WKV kernel that `make kernels` built in this checkout, under its Hub repo id (`kernels`' LOCAL_KERNELS):
+# the package itself never looks for a source checkout.
+os.environ.setdefault("LOCAL_KERNELS", f"rwkv-clip-hf/bi-wkv={os.path.join(os.path.dirname(__file__), '..', 'cuda')}")
 
 from rwkv_clip_hf import RWKVCLIPConfig  # noqa: E402
 

@@ -50,8 +50,6 @@ def test_preset_overrides():
         (RWKVCLIPVisionConfig, {"drop_path_rate": 1.0}, "drop_path_rate"),
         (RWKVCLIPTextConfig, {"num_hidden_layers": 0}, "num_hidden_layers must be positive"),
         (RWKVCLIPTextConfig, {"vocab_size": 100}, "outside the vocabulary"),
-        (RWKVCLIPTextConfig, {"bi_wkv_backend": "triton"}, "bi_wkv_backend must be one of"),
-        (RWKVCLIPVisionConfig, {"bi_wkv_backend": "cuda"}, "bi_wkv_backend must be one of"),
     ],
 )
 def test_invalid_tower_configs_raise_at_config_time(cls, kwargs, message):

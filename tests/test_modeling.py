@@ -336,7 +336,8 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 def test_trust_remote_code_without_the_package(tmp_path, model, monkeypatch):
     # both sides on the PyTorch Bi-WKV path, so that the outputs must be bitwise equal (the flattened copy
     # cannot see this checkout's kernel build)
-    monkeypatch.setenv("RWKV_CLIP_BI_WKV_BACKEND", "torch")
+    monkeypatch.setenv("RWKV_CLIP_KERNEL_BACKEND", "torch")
+    model.set_kernel_backend("torch")
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     for name in (

@@ -19,12 +19,14 @@ from rwkv_clip_hf.training import (
     LORA_TARGET_MODULES,
     ClassificationTransform,
     ContrastiveCollator,
+    ContrastiveLoss,
     ContrastiveTransform,
     GroupedRandomSampler,
     LogitScaleClampCallback,
     RWKVCLIPTrainer,
     classification_collator,
     compute_accuracy,
+    contrastive_accumulation_step,
     paper_training_arguments,
 )
 
@@ -171,6 +173,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# the ContrastiveLoss settings that must all give the single-process gradient under DDP
+LOSS_SETTINGS = {
+    "global": {},
+    "local": {"local_loss": True},
+    "no_grad_gather": {"gather_with_grad": False},
+}
+
+
 def _distributed_worker(rank, world_size, port, state, inputs, out_dir):
     # a hang prints every thread's stack and ends the worker (the test then fails with it) instead of stalling
     faulthandler.dump_traceback_later(90, exit=True)
@@ -184,14 +194,21 @@ def _distributed_worker(rank, world_size, port, state, inputs, out_dir):
         # uneven local batches (3 + 5): the gather pads and cuts back
         bounds = [0, 3, 8]
         local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in inputs.items()}
-        loss = ddp(**local, return_loss=True).loss
-        loss.backward()  # DDP averages the gradients over ranks
-        if rank == 0:
+        results = {}
+        for name, settings in LOSS_SETTINGS.items():
+            model.zero_grad()
+            outputs = ddp(**local)
+            loss = ContrastiveLoss(**settings)(outputs.image_embeds, outputs.text_embeds, model.logit_scale)
+            loss.backward()  # DDP averages the gradients over ranks
+            losses = [torch.zeros(()) for _ in range(world_size)]
+            torch.distributed.all_gather(losses, loss.detach())
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, "rank0.pt"))
+            results[name] = {"loss": loss.detach(), "losses": torch.stack(losses), "grads": grads}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "rank0.pt"))
         # tear DDP down while the process group is alive, then leave together: freeing DDP after
         # destroy_process_group hung rank 1 now and then (about 1 run in 15)
-        del ddp, model, loss
+        del ddp, model, loss, outputs
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -204,9 +221,12 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, processor
         model.logit_scale.fill_(math.log(20.0))
     rows = shapes.select(range(8))
     inputs = dict(processor(text=list(rows["caption"]), images=list(rows["image"]), padding=True, return_tensors="pt"))
-    loss = model(**inputs, return_loss=True).loss
+    outputs = model(**inputs, return_loss=True)
+    loss = outputs.loss
     loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # one process: the loss object is the model's own loss, bit for bit
+    assert torch.equal(ContrastiveLoss()(outputs.image_embeds, outputs.text_embeds, model.logit_scale), loss)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     context = mp.spawn(
@@ -218,14 +238,167 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, processor
             for process in context.processes:
                 process.terminate()
             pytest.fail("the 2-process run did not finish within 240 s")
-    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-    assert result["grads"].keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    results = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert results.keys() == LOSS_SETTINGS.keys()
+    for setting, result in results.items():
+        if setting == "local":  # each rank scores its own rows; their mean is the global loss
+            torch.testing.assert_close(result["losses"].mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+            assert abs(result["loss"].item() - loss.item()) > 1e-3
+        else:
+            torch.testing.assert_close(result["losses"], loss.detach().expand(2), rtol=1e-5, atol=1e-6)
+        assert result["grads"].keys() == expected.keys(), setting
+        for name, grad in expected.items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=f"{setting}: {name}")
     # a wrong gather (local loss only) would give a different loss: make sure the batch split matters
     local_loss = model(**{k: v[:3] for k, v in inputs.items()}, return_loss=True).loss
     assert abs(local_loss.item() - loss.item()) > 1e-3
+
+
+def test_model_loss_is_local_and_the_loss_object_refuses_mismatched_batches():
+    model = randomize_(RWKVCLIPModel(real_vocab_config()), seed=3)
+    images = torch.nn.functional.normalize(torch.randn(4, 32, dtype=torch.float64), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 32, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    logits = texts @ images.t() * scale.exp()
+    # independent reference: -log softmax of the matching pair, both directions, averaged
+    reference = -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
+    loss_fn = ContrastiveLoss()
+    torch.testing.assert_close(loss_fn(images, texts, scale), reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ContrastiveLoss(local_loss=True)(images, texts, scale), reference, rtol=1e-12, atol=0)
+    assert loss_fn.labels(4, 0, images.device) is loss_fn.labels(4, 0, images.device)  # cached
+    with pytest.raises(ValueError, match="one caption per image"):
+        loss_fn(images, texts[:3], scale)
+    with pytest.raises(ValueError, match="local_loss=True needs gather_with_grad=True"):
+        ContrastiveLoss(local_loss=True, gather_with_grad=False)
+    del model
+
+
+class _SavedActivations:
+    """Peak bytes of the tensors autograd keeps for backward (parameters excluded), while active."""
+
+    def __init__(self, model):
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live = self.peak = 0
+
+    def _pack(self, tensor):
+        if tensor.untyped_storage().data_ptr() in self.parameters:
+            return tensor
+        size = tensor.untyped_storage().nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        return _Counted(tensor, size, self)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Counted) else packed
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+class _Counted:
+    def __init__(self, tensor, size, counter):
+        self.tensor, self.size, self.counter = tensor, size, counter
+
+    def __del__(self):
+        self.counter.live -= self.size
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_contrastive_accumulation_keeps_every_negative(processor, shapes):
+    """4 micro-batches of 2 give the gradients of one batch of 8 with about a quarter of its activations."""
+    model = randomize_(RWKVCLIPModel(real_vocab_config()), seed=4).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    rows = shapes.select(range(8))
+    inputs = dict(processor(text=list(rows["caption"]), images=list(rows["image"]), padding=True, return_tensors="pt"))
+    loss_fn = ContrastiveLoss()
+
+    with _SavedActivations(model) as full_memory:
+        outputs = model(**inputs)
+        loss = loss_fn(outputs.image_embeds, outputs.text_embeds, model.logit_scale)
+        loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    with _SavedActivations(model) as accumulated_memory:
+        value = contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=4)
+    torch.testing.assert_close(value, loss.detach(), rtol=1e-6, atol=1e-6)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert expected["logit_scale"].abs() > 0 and expected["text_model.token_embedding.weight"].abs().max() > 0
+    assert accumulated_memory.peak < 0.4 * full_memory.peak, (accumulated_memory.peak, full_memory.peak)
+
+    # Trainer's accumulation on top divides the gradients (not the returned value)
+    model.zero_grad()
+    contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=3, loss_divisor=2.0)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name] / 2, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="larger than the batch"):
+        contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=9)
+
+
+def test_contrastive_accumulation_replays_drop_path(processor, shapes):
+    """With drop-path, the second pass over each micro-batch draws the masks of the first one: the gradients
+    equal those of the same micro-batches embedded once with a graph."""
+    config = real_vocab_config(text_config={"drop_path_rate": 0.5}, vision_config={"drop_path_rate": 0.5})
+    model = randomize_(RWKVCLIPModel(config), seed=5).train()
+    rows = shapes.select(range(6))
+    inputs = dict(processor(text=list(rows["caption"]), images=list(rows["image"]), padding=True, return_tensors="pt"))
+    loss_fn = ContrastiveLoss()
+
+    torch.manual_seed(3)
+    pieces = [dict(zip(inputs, chunk)) for chunk in zip(*(v.tensor_split(3) for v in inputs.values()))]
+    outputs = [model(**piece) for piece in pieces]
+    images = torch.cat([o.image_embeds for o in outputs])
+    texts = torch.cat([o.text_embeds for o in outputs])
+    loss_fn(images, texts, model.logit_scale).backward()
+    expected, rng_after = _grads(model), torch.get_rng_state()
+
+    model.zero_grad()
+    torch.manual_seed(3)
+    contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=3)
+    assert torch.equal(torch.get_rng_state(), rng_after)  # the random stream advances as for one pass
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    # and the masks matter: another seed gives other gradients
+    model.zero_grad()
+    torch.manual_seed(4)
+    contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=3)
+    assert not torch.allclose(model.vision_model.post_layernorm.weight.grad, expected["vision_model.post_layernorm.weight"])
+
+
+def test_trainer_contrastive_micro_batches_step_equals_one_batch(tmp_path, processor, shapes):
+    """One optimizer step of RWKVCLIPTrainer(contrastive_micro_batches=4) equals the plain step on the batch."""
+    dataset = shapes.select(range(8)).with_transform(ContrastiveTransform(processor, "image", ["caption"], seed=0))
+    states = {}
+    for micro_batches in (1, 4):
+        torch.manual_seed(0)
+        model = randomize_(RWKVCLIPModel(real_vocab_config()), seed=6)
+        args = paper_training_arguments(
+            str(tmp_path / str(micro_batches)), per_device_train_batch_size=8, max_steps=1, learning_rate=1e-2,
+            warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant", optim="sgd",
+            save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = RWKVCLIPTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer),
+            contrastive_micro_batches=micro_batches,
+        )  # fmt: skip
+        trainer.train()
+        states[micro_batches] = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = randomize_(RWKVCLIPModel(real_vocab_config()), seed=6).state_dict()
+    assert not torch.equal(states[1]["text_model.token_embedding.weight"], initial["text_model.token_embedding.weight"])
+    for name, value in states[1].items():
+        torch.testing.assert_close(states[4][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="contrastive_micro_batches must be a positive integer"):
+        RWKVCLIPTrainer(model=model, args=args, contrastive_micro_batches=0)
 
 
 def test_lora_save_load_merge(tmp_path, processor):

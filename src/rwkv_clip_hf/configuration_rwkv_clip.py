@@ -8,6 +8,10 @@ from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # Token-shift patterns. Each head's channels are split into as many equal groups as there are offsets;
@@ -20,11 +24,6 @@ TOKEN_SHIFT_OFFSETS = {
 }
 
 
-# Implementations of the Bi-WKV operator (ops/bi_wkv): "auto" uses the prebuilt kernel when it loads for the
-# tensors' device and the PyTorch chunked path otherwise; "kernel" requires the kernel; "torch" never uses it.
-BI_WKV_BACKENDS = ("auto", "kernel", "torch")
-
-
 class _RemoteCodeConfigMixin:
     """Saved directories carry their code so that `trust_remote_code=True` loads them without this package."""
 
@@ -34,6 +33,17 @@ class _RemoteCodeConfigMixin:
 
 class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
     """Checks shared by both tower configs (called from `validate_architecture`)."""
+
+    def __post_init__(self, **kwargs):
+        # Configs saved by earlier versions carry `bi_wkv_backend`; the op implementation is now chosen on the model
+        # (`model.set_kernel_backend(...)`), so the field is read here and dropped.
+        legacy = kwargs.pop("bi_wkv_backend", None)
+        if legacy not in (None, "auto"):
+            logger.warning(
+                f"{type(self).__name__}: the config field bi_wkv_backend={legacy!r} is no longer used; choose the "
+                f"implementation with model.set_kernel_backend({legacy!r}) or $RWKV_CLIP_KERNEL_BACKEND."
+            )
+        super().__post_init__(**kwargs)
 
     def _validate_tower(self) -> None:
         if self.hidden_size <= 0 or self.head_size <= 0:
@@ -60,10 +70,6 @@ class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
                 raise ValueError(f"{type(self).__name__}: {name} must be positive, got {getattr(self, name)}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"{type(self).__name__}: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
-        if self.bi_wkv_backend not in BI_WKV_BACKENDS:
-            raise ValueError(
-                f"{type(self).__name__}: bi_wkv_backend must be one of {BI_WKV_BACKENDS}, got {self.bi_wkv_backend!r}."
-            )
 
     @property
     def num_attention_heads(self) -> int:
@@ -97,8 +103,6 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         token_shift: `"b_shift"` (previous / next token per half head).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0), training only.
         initializer_range: std of the token embedding at initialisation.
-        bi_wkv_backend: `"auto"`, `"kernel"` or `"torch"`: which implementation of the Bi-WKV operator runs
-            (see `BI_WKV_BACKENDS`); the environment variable RWKV_CLIP_BI_WKV_BACKEND overrides it.
     """
 
     model_type = "rwkv_clip_text_model"
@@ -118,7 +122,6 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     token_shift: str = "b_shift"
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
-    bi_wkv_backend: str = "auto"
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
     eos_token_id: int | None = 49407
@@ -158,8 +161,6 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         token_shift: `"q_shift"` (left / right / above / below per quarter head).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0), training only.
         initializer_range: std of the position embedding at initialisation.
-        bi_wkv_backend: `"auto"`, `"kernel"` or `"torch"`: which implementation of the Bi-WKV operator runs
-            (see `BI_WKV_BACKENDS`); the environment variable RWKV_CLIP_BI_WKV_BACKEND overrides it.
     """
 
     model_type = "rwkv_clip_vision_model"
@@ -179,7 +180,6 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     token_shift: str = "q_shift"
     drop_path_rate: float = 0.3
     initializer_range: float = 0.02
-    bi_wkv_backend: str = "auto"
 
     def validate_architecture(self):
         self._validate_tower()
@@ -347,6 +347,5 @@ __all__ = [
     "RWKVCLIPTextConfig",
     "RWKVCLIPVisionConfig",
     "PRESETS",
-    "BI_WKV_BACKENDS",
     "export_remote_code",
 ]

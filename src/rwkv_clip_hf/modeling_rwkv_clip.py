@@ -4,7 +4,6 @@ One block implementation serves both towers; they differ only in the token shift
 image patch grid, a "B-shift" along the text sequence), chosen by `config.token_shift`.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rwkv_clip import RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
-from .ops.bi_wkv import bi_wkv
+from .ops.bi_wkv import bi_wkv, check_backend, default_backend
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -31,36 +30,6 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
 def rwkv_clip_loss(similarity: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a (text x image) similarity matrix whose diagonal holds the matching pairs."""
     return (contrastive_loss(similarity) + contrastive_loss(similarity.t())) / 2.0
-
-
-def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """Concatenate `features` `(local_batch, dim)` of every rank in rank order, differentiably.
-
-    Outside `torch.distributed` (or with one process) the input is returned as is. Local batches may differ
-    in size between ranks (they are padded for the collective and cut back). The backward sums the gradient
-    of every rank's copy of the global loss into each rank's own features; since every rank computes the
-    same global loss, DDP's gradient averaging then yields exactly the gradient of the single-process loss
-    on the concatenated batch (open_clip's `gather_with_grad` semantics).
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return features
-    world_size = torch.distributed.get_world_size()
-    if world_size == 1:
-        return features
-    try:  # torch >= 2.13 renamed it (the old name warns)
-        from torch.distributed._functional_collectives import all_gather_single_autograd as all_gather_autograd
-    except ImportError:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_autograd
-
-    size = torch.tensor([features.shape[0]], device=features.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    torch.distributed.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    longest = max(sizes)
-    padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
-    # the autograd all-gather's backward reduce-scatters (sums) the gradients back to their ranks
-    gathered = all_gather_autograd(padded, gather_dim=0, group=torch.distributed.group.WORLD)
-    return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)])
 
 
 def _source(offset: int, size: int) -> slice:
@@ -101,15 +70,6 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
     return hidden_states * mask / keep
 
 
-BI_WKV_BACKEND_ENV = "RWKV_CLIP_BI_WKV_BACKEND"
-
-
-@torch.compiler.assume_constant_result
-def _bi_wkv_backend(configured: str) -> str:
-    """$RWKV_CLIP_BI_WKV_BACKEND when set, else the configured backend (a constant for torch.compile)."""
-    return os.environ.get(BI_WKV_BACKEND_ENV) or configured
-
-
 class _ShiftMixin:
     """Token shift of the tower this module belongs to, and the layer facts the RWKV-6 init schedules need."""
 
@@ -133,7 +93,8 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
         self._init_layer(config, layer_idx)
-        self.config = config  # read at every call, so that changing config.bi_wkv_backend takes effect
+        # which Bi-WKV implementation runs ("auto", "kernel", "torch"): set with `set_kernel_backend`
+        self.kernel_backend = default_backend()
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.mix_lora_rank = config.mix_lora_rank
@@ -171,14 +132,10 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
 
         out = bi_wkv(
-            receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.bi_wkv_backend()
+            receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend
         )
         out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
         return self.output(out * gate)
-
-    def bi_wkv_backend(self) -> str:
-        """The Bi-WKV implementation to use: $RWKV_CLIP_BI_WKV_BACKEND, else `config.bi_wkv_backend`."""
-        return _bi_wkv_backend(self.config.bi_wkv_backend)
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:
@@ -386,6 +343,28 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RWKVCLIPBlock", "RWKVCLIPVisionEmbeddings"]
     _can_record_outputs = {"hidden_states": RWKVCLIPBlock}
 
+    def set_kernel_backend(self, backend: str) -> "RWKVCLIPPreTrainedModel":
+        """Choose the implementation of the custom ops (Bi-WKV) in every block of this model; returns the model.
+
+        Args:
+            backend: `"auto"` (the prebuilt kernel when it loads for the tensors' device, else the exact PyTorch
+                path; the default), `"kernel"` (the prebuilt kernel, or `KernelUnavailableError`) or `"torch"`
+                (the PyTorch path, never asking for a kernel). New models start with $RWKV_CLIP_KERNEL_BACKEND,
+                or `"auto"` when it is unset.
+        """
+        check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, RWKVCLIPTokenMix):
+                module.kernel_backend = backend
+        return self
+
+    def get_kernel_backend(self) -> str:
+        """The backend set with `set_kernel_backend` (a model whose blocks were set one by one: the first one's)."""
+        for module in self.modules():
+            if isinstance(module, RWKVCLIPTokenMix):
+                return module.kernel_backend
+        return default_backend()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -572,7 +551,10 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
         Args:
             input_ids, attention_mask: captions (see `RWKVCLIPTextModel.forward`).
             pixel_values: images (see `RWKVCLIPVisionModel.forward`).
-            return_loss: also return the symmetric contrastive loss (text i matches image i).
+            return_loss: also return the symmetric contrastive loss of this batch (text i matches image i). It is
+                local, as in transformers' CLIP: for the loss over the global batch of all ranks, and for
+                contrastive gradient accumulation, use `rwkv_clip_hf.training.ContrastiveLoss` (what
+                `RWKVCLIPTrainer` does).
             interpolate_pos_encoding: see `RWKVCLIPVisionModel.forward`.
         """
         vision_outputs = self.get_image_features(
@@ -586,15 +568,12 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
         logits_per_image = logits_per_text.t()
         loss = None
         if return_loss:
-            # under torch.distributed the loss is over the global batch of every rank (ARCHITECTURE.md §8)
-            all_text, all_images = gather_with_grad(text_embeds), gather_with_grad(image_embeds)
-            if all_text.shape[0] != all_images.shape[0]:
+            if text_embeds.shape[0] != image_embeds.shape[0]:
                 raise ValueError(
-                    f"return_loss needs one caption per image, got {all_text.shape[0]} captions and "
-                    f"{all_images.shape[0]} images"
+                    f"return_loss needs one caption per image, got {text_embeds.shape[0]} captions and "
+                    f"{image_embeds.shape[0]} images"
                 )
-            global_logits = all_text @ all_images.t() * self.logit_scale.exp()
-            loss = rwkv_clip_loss(global_logits)
+            loss = rwkv_clip_loss(logits_per_text)
         return RWKVCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,

@@ -5,23 +5,29 @@
   augmentation, ARCHITECTURE.md §8).
 * `ContrastiveCollator` / `ClassificationCollator`: batch what the transforms produce.
 * `LogitScaleClampCallback`: clamps `logit_scale` to [0, ln 100] after every optimizer step.
-* `RWKVCLIPTrainer`: a `Trainer` that adds the clamp and applies weight decay as CLIP training does (not to
-  biases, norm gains or the temperature); with `group_by_column`, rows that share that column's value are
-  batched together (`GroupedRandomSampler`), e.g. hard negatives for the contrastive loss.
-* `paper_training_arguments`: `TrainingArguments` with the paper's recipe (§9) as defaults.
+* `ContrastiveLoss`: the symmetric InfoNCE of CLIP training over the global batch of every rank
+  (open_clip's `ClipLoss`: `local_loss`, `gather_with_grad`, cached labels).
+* `contrastive_accumulation_step`: gradient accumulation that keeps every negative (GradCache): a large
+  contrastive batch in micro-batches, with the memory of one micro-batch and the gradients of the whole batch.
+* `RWKVCLIPTrainer`: a `Trainer` that computes the contrastive loss with a `ContrastiveLoss`, adds the clamp
+  and applies weight decay as CLIP training does (not to biases, norm gains or the temperature); with
+  `contrastive_micro_batches`, it accumulates as `contrastive_accumulation_step` does; with `group_by_column`,
+  rows that share that column's value are batched together (`GroupedRandomSampler`), e.g. hard negatives.
+* `paper_training_arguments`: `TrainingArguments` with the paper's recipe as defaults.
 * `accuracy_metric` / `compute_accuracy`: an `evaluate` accuracy for `compute_metrics`.
 
-The contrastive loss itself is computed by `RWKVCLIPModel(..., return_loss=True)`; under `torch.distributed`
-it gathers the features of every rank with gradients, so the loss is over the global batch.
+`RWKVCLIPModel(..., return_loss=True)` alone gives the loss of its local batch, as transformers' CLIP does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
@@ -120,7 +126,8 @@ def _missing_columns_message(missing, batch) -> str:
 
 
 class ContrastiveCollator:
-    """Stacks `pixel_values`, pads `input_ids` (with an attention mask) and asks the model for the loss."""
+    """Stacks `pixel_values`, pads `input_ids` (with an attention mask) and marks the batch as contrastive
+    (`return_loss=True`, which `RWKVCLIPTrainer` answers with its `ContrastiveLoss`)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -193,6 +200,221 @@ class LogitScaleClampCallback(TrainerCallback):
                 parameter.clamp_(self.min_value, self.max_value)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside `torch.distributed`."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_gather_sizes(features: torch.Tensor, world_size: int) -> list[int]:
+    size = torch.tensor([features.shape[0]], device=features.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def gather_features(features: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """Concatenate `features` `(local_batch, dim)` of every rank in rank order; returns it and the offset of this
+    rank's rows in it. Outside `torch.distributed` (or with one process): `(features, 0)`.
+
+    Local batches may differ in size between ranks (they are padded for the collective and cut back).
+    `with_grad=True`: the backward of the gather sums the gradient of every rank's loss into each rank's own
+    features (open_clip's `gather_with_grad`). `with_grad=False`: other ranks' rows are constants and this
+    rank's rows are its own features, so gradients reach only them.
+    """
+    rank, world_size = _world()
+    if world_size == 1:
+        return features, 0
+    sizes = _all_gather_sizes(features, world_size)
+    longest = max(sizes)
+    padded = F.pad(features, (0, 0, 0, longest - features.shape[0]))
+    if with_grad:
+        try:  # torch >= 2.13 renamed it (the old name warns)
+            from torch.distributed._functional_collectives import (
+                all_gather_single_autograd as all_gather_autograd,
+            )
+        except ImportError:
+            from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_autograd
+        # the autograd all-gather's backward reduce-scatters (sums) the gradients back to their ranks
+        gathered = all_gather_autograd(padded, gather_dim=0, group=torch.distributed.group.WORLD)
+        parts = [gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)]
+    else:
+        buffers = [torch.empty_like(padded) for _ in range(world_size)]
+        torch.distributed.all_gather(buffers, padded.detach())
+        parts = [buffer[:n] for buffer, n in zip(buffers, sizes)]
+        parts[rank] = features
+    return torch.cat(parts), sum(sizes[:rank])
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """Symmetric InfoNCE of CLIP training (text i matches image i) over the global batch of every rank.
+
+    `loss = ContrastiveLoss()(image_embeds, text_embeds, model.logit_scale)` with L2-normalised embeddings
+    (`RWKVCLIPOutput.image_embeds` / `text_embeds`) and the model's log-temperature. Outside
+    `torch.distributed` it equals `RWKVCLIPModel(..., return_loss=True).loss`. Under DDP, every setting
+    gives each rank's parameters the gradient of the single-process loss on the concatenated global batch
+    once DDP has averaged them (tested with two processes); they differ in cost:
+
+    Args:
+        local_loss: score only this rank's rows (its images against all captions, its captions against all
+            images): local x global logits instead of global x global. The loss value then differs between
+            ranks (their mean is the global loss); the averaged gradient is the same.
+        gather_with_grad: gather the other ranks' features with a differentiable all-gather (its backward
+            sends each rank the gradient of every rank's loss with respect to its features). With `False`, the
+            gathered rows are constants and each rank back-propagates only into its own rows, whose gradient is
+            multiplied by `world_size` (their values are unchanged) so that DDP's average is still the global
+            gradient; `False` needs `local_loss=False` for that equivalence.
+        cache_labels: keep the label tensors between steps (keyed by device, batch size and offset).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True):
+        super().__init__()
+        if local_loss and not gather_with_grad:
+            raise ValueError(
+                "ContrastiveLoss: local_loss=True needs gather_with_grad=True (without it, the gradients of the "
+                "other ranks' rows with respect to this rank's features are lost)"
+            )
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self._labels: dict[tuple, torch.Tensor] = {}
+
+    def labels(self, count: int, offset: int, device: torch.device) -> torch.Tensor:
+        """`offset, offset + 1, ..., offset + count - 1`: the column of each row's matching pair."""
+        key = (device, count, offset)
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = torch.arange(offset, offset + count, device=device)
+            if self.cache_labels:
+                self._labels[key] = labels
+        return labels
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        if image_embeds.shape[0] != text_embeds.shape[0]:
+            raise ValueError(
+                f"ContrastiveLoss needs one caption per image, got {text_embeds.shape[0]} captions and "
+                f"{image_embeds.shape[0]} images"
+            )
+        _, world_size = _world()
+        if not self.gather_with_grad and world_size > 1:
+            # only this rank's rows carry gradients: count them world_size times (DDP divides by it)
+            image_embeds = image_embeds + (world_size - 1) * (image_embeds - image_embeds.detach())
+            text_embeds = text_embeds + (world_size - 1) * (text_embeds - text_embeds.detach())
+        scale = logit_scale.exp()
+        all_images, offset = gather_features(image_embeds, self.gather_with_grad)
+        all_text, _ = gather_features(text_embeds, self.gather_with_grad)
+        if self.local_loss:
+            count = image_embeds.shape[0]
+            labels = self.labels(count, offset, image_embeds.device)
+            per_image = F.cross_entropy(image_embeds @ all_text.t() * scale, labels, reduction="sum")
+            per_text = F.cross_entropy(text_embeds @ all_images.t() * scale, labels, reduction="sum")
+            # weighted so that the mean over ranks is the global mean, also for uneven local batches
+            return (per_image + per_text) / 2.0 * world_size / all_images.shape[0]
+        logits_per_text = all_text @ all_images.t() * scale
+        labels = self.labels(all_images.shape[0], 0, image_embeds.device)
+        return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2.0
+
+
+def _capture_rng(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def contrastive_accumulation_step(
+    model: torch.nn.Module,
+    inputs: dict,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    micro_batches: int,
+    logit_scale: torch.Tensor | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    loss_divisor: float = 1.0,
+) -> torch.Tensor:
+    """One contrastive batch in `micro_batches` pieces, with every negative kept (GradCache; open_clip's
+    `--accum-freq`); accumulates into `.grad` the gradients of `loss_fn` on the whole batch and returns its value.
+
+    1. Each micro-batch is embedded without a graph (its random state, e.g. drop-path, is remembered).
+    2. `loss_fn(image_embeds, text_embeds, logit_scale)` on all embeddings gives the loss and its gradients with
+       respect to the embeddings and the temperature.
+    3. Each micro-batch is embedded again, with a graph and the same random state, and its embeddings are
+       back-propagated with those gradients.
+    Peak activation memory is that of one micro-batch; the cost is one extra forward pass.
+
+    Args:
+        model: a CLIP-style model returning `image_embeds` and `text_embeds` (possibly DDP-wrapped).
+        inputs: the batch (`pixel_values`, `input_ids`, `attention_mask`, ...), split along dimension 0.
+        loss_fn: e.g. a `ContrastiveLoss`.
+        micro_batches: how many pieces (the batch need not divide evenly).
+        logit_scale: the model's temperature parameter (default `model.logit_scale`, unwrapping `.module`).
+        backward: runs the backward of a scalar (default `Tensor.backward`; Trainer passes the accelerator's).
+        no_sync: a context that suspends DDP's gradient synchronisation, used for all but the last piece.
+        autocast: a context for the forward passes and the loss (e.g. mixed precision).
+        loss_divisor: the gradients (not the returned value) are divided by it (Trainer's own accumulation).
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if logit_scale is None:
+        logit_scale = getattr(model, "module", model).logit_scale
+    backward = backward or torch.Tensor.backward
+    no_sync = no_sync or contextlib.nullcontext
+    autocast = autocast or contextlib.nullcontext
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+    sizes = {v.shape[0] for v in tensors.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"contrastive_accumulation_step: the inputs have different batch sizes {sorted(sizes)}")
+    batch = sizes.pop()
+    if micro_batches > batch:
+        raise ValueError(f"micro_batches ({micro_batches}) is larger than the batch ({batch})")
+    pieces = [
+        {**others, **dict(zip(tensors, chunk))}
+        for chunk in zip(*(torch.tensor_split(v, micro_batches) for v in tensors.values()))
+    ]
+    device = next(iter(tensors.values())).device
+
+    states, images, texts = [], [], []
+    with torch.no_grad():
+        for piece in pieces:
+            states.append(_capture_rng(device))
+            with autocast():
+                outputs = model(**piece)
+            images.append(outputs.image_embeds)
+            texts.append(outputs.text_embeds)
+    after = _capture_rng(device)
+    all_images = torch.cat(images).detach().requires_grad_()
+    all_texts = torch.cat(texts).detach().requires_grad_()
+    scale = logit_scale.detach().requires_grad_()
+    with autocast():
+        loss = loss_fn(all_images, all_texts, scale)
+    image_grads, text_grads, scale_grad = torch.autograd.grad(loss, (all_images, all_texts, scale))
+    image_grads, text_grads = image_grads.split([len(x) for x in images]), text_grads.split([len(x) for x in texts])
+
+    for index, piece in enumerate(pieces):
+        last = index == len(pieces) - 1
+        _restore_rng(states[index], device)
+        with contextlib.nullcontext() if last else no_sync():
+            with autocast():
+                outputs = model(**piece)
+                surrogate = (outputs.image_embeds * image_grads[index].to(outputs.image_embeds.dtype)).sum()
+                surrogate = surrogate + (outputs.text_embeds * text_grads[index].to(outputs.text_embeds.dtype)).sum()
+                if last:  # the temperature's gradient, once
+                    surrogate = surrogate + (logit_scale * scale_grad).sum()
+            backward(surrogate / loss_divisor)
+    _restore_rng(after, device)
+    return loss.detach()
+
+
 class GroupedRandomSampler(torch.utils.data.Sampler[int]):
     """Random order of groups, each group's rows consecutive: batches cut from it hold whole groups (but the
     one a batch boundary falls in). Rows of a group need not be adjacent in the dataset.
@@ -229,19 +451,41 @@ class GroupedRandomSampler(torch.utils.data.Sampler[int]):
 
 
 class RWKVCLIPTrainer(Trainer):
-    """`Trainer` with the RWKV-CLIP recipe: logit-scale clamp, and weight decay on every parameter except
-    biases, LayerNorm/GroupNorm gains and the temperature (CLIP training's exclusions; the RWKV mixing and
-    decay parameters are matrices in the original and are decayed).
+    """`Trainer` with the RWKV-CLIP recipe: the contrastive loss over the global batch (`ContrastiveLoss`),
+    logit-scale clamp, and weight decay on every parameter except biases, LayerNorm/GroupNorm gains and the
+    temperature (CLIP training's exclusions; the RWKV mixing and decay parameters are matrices in the original
+    and are decayed).
+
+    Batches marked `return_loss=True` (`ContrastiveCollator`) of a model with a `logit_scale` get the contrastive
+    loss; other batches (e.g. classification) get `Trainer`'s.
 
     Args:
+        contrastive_loss: the loss of contrastive batches (default `ContrastiveLoss()`: global x global logits,
+            gathered with gradients).
+        contrastive_micro_batches: split each contrastive batch into this many micro-batches with
+            `contrastive_accumulation_step`: the gradients of the whole batch (every negative kept) with the
+            activation memory of one micro-batch, for one extra forward pass. Use this, not
+            `gradient_accumulation_steps`, to reach a large contrastive batch: Trainer's accumulation gives each
+            micro-batch only its own negatives, which changes the objective.
         group_by_column: a column of the training dataset; rows with the same value are kept in one batch
             (`GroupedRandomSampler`), e.g. the `scene` of `rwkv_clip_hf.shapes.make_shapes_dataset(...,
             scene_size=K)`, or product photos of one item: hard negatives for the contrastive loss.
         *args, **kwargs: those of `Trainer`.
     """
 
-    def __init__(self, *args, group_by_column: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        contrastive_loss: torch.nn.Module | None = None,
+        contrastive_micro_batches: int = 1,
+        group_by_column: str | None = None,
+        **kwargs,
+    ):
+        if int(contrastive_micro_batches) != contrastive_micro_batches or contrastive_micro_batches < 1:
+            raise ValueError(f"contrastive_micro_batches must be a positive integer, got {contrastive_micro_batches!r}")
         super().__init__(*args, **kwargs)
+        self.contrastive_loss = contrastive_loss if contrastive_loss is not None else ContrastiveLoss()
+        self.contrastive_micro_batches = int(contrastive_micro_batches)
         self.group_by_column = group_by_column
         if group_by_column is not None:
             dataset = self.train_dataset
@@ -253,6 +497,40 @@ class RWKVCLIPTrainer(Trainer):
         model = self.model
         if hasattr(model, "logit_scale") and not any(isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(LogitScaleClampCallback())
+
+    def _is_contrastive(self, model: torch.nn.Module, inputs: dict) -> bool:
+        return bool(inputs.get("return_loss")) and hasattr(self.accelerator.unwrap_model(model), "logit_scale")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._is_contrastive(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "return_loss"}
+        outputs = model(**inputs)
+        logit_scale = self.accelerator.unwrap_model(model).logit_scale
+        loss = self.contrastive_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+        outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.contrastive_micro_batches == 1 or not self._is_contrastive(model, inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = {k: v for k, v in self._prepare_inputs(inputs).items() if k != "return_loss"}
+        steps = self.current_gradient_accumulation_steps
+        loss = contrastive_accumulation_step(
+            model,
+            inputs,
+            self.contrastive_loss,
+            self.contrastive_micro_batches,
+            logit_scale=self.accelerator.unwrap_model(model).logit_scale,
+            backward=self.accelerator.backward,
+            no_sync=lambda: self.accelerator.no_sync(model),
+            autocast=self.compute_loss_context_manager,
+            loss_divisor=steps,
+        )
+        return loss / steps
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_by_column is None:
@@ -285,7 +563,9 @@ def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
     AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup (`warmup_steps=0.1`, a fraction) then cosine
     decay (the paper's OneCycle), gradient clipping at norm 1, bf16 autocast when the hardware has it, and
     `remove_unused_columns=False` (the transforms need the raw columns). The paper's batch is 4096 over
-    8 GPUs: scale `per_device_train_batch_size` x processes x `gradient_accumulation_steps` to your budget.
+    8 GPUs: scale `per_device_train_batch_size` x processes to your budget, and where one device's memory is the
+    limit, keep the batch and split it with `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with
+    `gradient_accumulation_steps` (which gives each micro-batch only its own negatives).
     """
     defaults = dict(
         learning_rate=1e-3,
@@ -351,6 +631,7 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "ClassificationTransform",
     "ContrastiveCollator",
+    "ContrastiveLoss",
     "ContrastiveTransform",
     "GroupedRandomSampler",
     "LogitScaleClampCallback",
@@ -358,5 +639,7 @@ __all__ = [
     "accuracy_metric",
     "classification_collator",
     "compute_accuracy",
+    "contrastive_accumulation_step",
+    "gather_features",
     "paper_training_arguments",
 ]

@@ -37,6 +37,7 @@ def local_kernels(monkeypatch):
     """LOCAL_KERNELS points the default repo id at the in-tree build; the loader cache starts empty."""
     monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={KERNEL_DIR}")
     monkeypatch.delenv(kernel.REPO_ENV, raising=False)
+    monkeypatch.delenv(kernel.BACKEND_ENV, raising=False)
     monkeypatch.delenv("RWKV_CLIP_BI_WKV_BACKEND", raising=False)
     kernel.clear_cache()
     yield
@@ -223,16 +224,16 @@ def test_auto_falls_back_and_kernel_raises(tmp_path, monkeypatch, caplog, proble
         bi_wkv(r, k, v, w, u, backend="kernel")
 
 
-def test_source_checkout_build_is_found_without_local_kernels(monkeypatch, built):
-    # a development checkout uses what `make kernels` built, without LOCAL_KERNELS and without the Hub
+def test_without_local_kernels_the_package_asks_the_hub_only(monkeypatch, built):
+    # library code never looks for a source checkout's build: without LOCAL_KERNELS (offline) there is no kernel
     monkeypatch.delenv("LOCAL_KERNELS")
-    assert kernel.source_checkout_kernel_dir() == Path(KERNEL_DIR).resolve()
     r, k, v, w, u = (x.float() for x in make_inputs(1, 10, 2, 8, "trained", seed=8))
-    torch.testing.assert_close(bi_wkv(r, k, v, w, u, backend="kernel"), built.bi_wkv(r, k, v, w, u))
+    with pytest.raises(KernelUnavailableError, match="unavailable for cpu tensors"):
+        bi_wkv(r, k, v, w, u, backend="kernel")
+    torch.testing.assert_close(bi_wkv(r, k, v, w, u, backend="auto"), chunk_bi_wkv(r, k, v, w, u), rtol=0, atol=0)
 
 
 def test_kernel_repo_is_configurable(monkeypatch, built):
-    monkeypatch.setattr(kernel, "source_checkout_kernel_dir", lambda: None)  # as in an installed package
     monkeypatch.setenv("LOCAL_KERNELS", f"someone/bi-wkv-fork={KERNEL_DIR}")
     r, k, v, w, u = (x.float() for x in make_inputs(1, 10, 2, 8, "trained", seed=8))
     with pytest.raises(KernelUnavailableError, match="rwkv-clip-hf/bi-wkv"):
@@ -257,8 +258,7 @@ def test_model_outputs_and_gradients_agree_across_backends(built, head_size):
     ids, pixels = _captions()
     results = {}
     for backend in ("torch", "kernel"):
-        for tower in (config.text_config, config.vision_config):
-            tower.bi_wkv_backend = backend
+        assert model.set_kernel_backend(backend) is model and model.get_kernel_backend() == backend
         model.zero_grad()
         out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
         out.loss.backward()
@@ -272,15 +272,44 @@ def test_model_outputs_and_gradients_agree_across_backends(built, head_size):
         assert rel_err(kernel_grads[name], torch_grads[name].double()) <= 1e-4, name
 
 
-def test_environment_overrides_the_configured_backend(monkeypatch, tmp_path, built):
-    config = tiny_config(text_config={"bi_wkv_backend": "torch"}, vision_config={"bi_wkv_backend": "torch"})
-    model = randomize_(RWKVCLIPModel(config)).eval()
+def test_backend_is_set_on_the_model_and_the_environment_is_only_its_default(monkeypatch, tmp_path, built):
     ids, _ = _captions()
-    model.get_text_features(ids)  # the configured PyTorch path never asks for the kernel
+    monkeypatch.setenv(kernel.BACKEND_ENV, "torch")
+    model = randomize_(RWKVCLIPModel(tiny_config())).eval()
+    assert model.get_kernel_backend() == "torch"
     monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={tmp_path}")  # nothing built there
-    monkeypatch.setenv("RWKV_CLIP_BI_WKV_BACKEND", "kernel")
+    model.get_text_features(ids)  # the PyTorch path never asks for the kernel
+    monkeypatch.setenv(kernel.BACKEND_ENV, "kernel")
+    model.get_text_features(ids)  # read when a model is built, never during a forward
+    assert RWKVCLIPModel(tiny_config()).get_kernel_backend() == "kernel"
+    model.set_kernel_backend("kernel")
+    assert {m.kernel_backend for m in model.modules() if hasattr(m, "kernel_backend")} == {"kernel"}
     with pytest.raises(KernelUnavailableError):
         model.get_text_features(ids)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.set_kernel_backend("cuda")
+    monkeypatch.setenv(kernel.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match=r"\$RWKV_CLIP_KERNEL_BACKEND must be one of"):
+        RWKVCLIPModel(tiny_config())
+
+
+def test_configs_saved_with_the_old_backend_field_still_load(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "bi_wkv_backend" not in saved["text_config"] and "bi_wkv_backend" not in saved["vision_config"]
+    saved["text_config"]["bi_wkv_backend"] = "auto"
+    saved["vision_config"]["bi_wkv_backend"] = "torch"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    from transformers.testing_utils import CaptureLogger
+
+    from rwkv_clip_hf import configuration_rwkv_clip
+
+    with CaptureLogger(configuration_rwkv_clip.logger) as captured:
+        loaded = type(config).from_pretrained(tmp_path)
+    assert "set_kernel_backend('torch')" in captured.out
+    assert not hasattr(loaded.vision_config, "bi_wkv_backend") and "bi_wkv_backend" not in loaded.to_json_string()
+    RWKVCLIPModel(loaded)
 
 
 # ---------------------------------------------------------------- torch.compile

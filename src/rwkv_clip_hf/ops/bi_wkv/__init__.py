@@ -19,7 +19,7 @@ Paths:
 import torch
 
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_bi_wkv
-from .kernel import BACKENDS, KernelUnavailableError, kernel_module, resolve_kernel
+from .kernel import BACKENDS, KernelUnavailableError, check_backend, default_backend, kernel_module, resolve_kernel
 from .naive import naive_bi_wkv
 
 
@@ -58,8 +58,7 @@ def bi_wkv(
             raise ValueError(f"bi_wkv: {name} has shape {tuple(tensor.shape)}, expected {tuple(r.shape)} like r")
     if u.shape != r.shape[2:]:
         raise ValueError(f"bi_wkv: u has shape {tuple(u.shape)}, expected (heads, head_size) = {tuple(r.shape[2:])}")
-    if backend not in BACKENDS:
-        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "bi_wkv: backend")
     if r.shape[1] == 0:
         return torch.zeros_like(r)
     float64 = torch.float64 in (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
@@ -77,4 +76,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "BACKENDS",
     "KernelUnavailableError",
+    "check_backend",
+    "default_backend",
 ]

@@ -2,10 +2,16 @@
 
 The kernel (sources in `cuda/` of the repository) is a kernel-hub repository with CPU and CUDA build variants.
 `kernels` picks the variant that matches the installed torch, C++ ABI, backend and platform; the environment
-variable `LOCAL_KERNELS=<repo-id>=<path>` points a repo id at a local folder holding `build/<variant>/`
-(e.g. the output of `make kernels`), which is how tests and development use it without the Hub.
+variable `LOCAL_KERNELS=<repo-id>=<path>` (a `kernels` feature) points a repo id at a local folder holding
+`build/<variant>/` (e.g. the output of `make kernels`), which is how tests, benchmarks and development use it
+without the Hub (the Makefile sets it).
+
+Which implementation an op uses is chosen by its `backend` argument (`BACKENDS`); the models pass the value set
+with `RWKVCLIPPreTrainedModel.set_kernel_backend`, whose default is `default_backend()`.
 
 Environment:
+    RWKV_CLIP_KERNEL_BACKEND: the default backend of newly built models ("auto" when unset); read when a
+        model is built, never during a forward.
     RWKV_CLIP_BI_WKV_KERNEL_REPO: the kernel repo id (default `DEFAULT_KERNEL_REPO`).
     RWKV_CLIP_BI_WKV_TRUST_REMOTE_CODE=1: allow downloading the kernel from a publisher that the Hub does not
         list as a trusted kernel publisher (`kernels` refuses those otherwise). Local overrides and, in offline
@@ -15,7 +21,6 @@ Environment:
 import logging
 import os
 import threading
-from pathlib import Path
 
 import torch
 
@@ -26,9 +31,29 @@ DEFAULT_KERNEL_REPO = "rwkv-clip-hf/bi-wkv"
 KERNEL_VERSION = 1
 REPO_ENV = "RWKV_CLIP_BI_WKV_KERNEL_REPO"
 TRUST_ENV = "RWKV_CLIP_BI_WKV_TRUST_REMOTE_CODE"
+# "auto": the prebuilt kernel when it loads for the tensors' device, else the PyTorch path; "kernel": the prebuilt
+# kernel or KernelUnavailableError; "torch": the PyTorch path, never asking for a kernel.
 BACKENDS = ("auto", "kernel", "torch")
-# torch dispatch keys of the device types the kernel is built for
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+BACKEND_ENV = "RWKV_CLIP_KERNEL_BACKEND"
+_LEGACY_BACKEND_ENV = "RWKV_CLIP_BI_WKV_BACKEND"  # its earlier name, still read
+# device types the kernel is built for
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_backend(backend: str, name: str = "backend") -> str:
+    """`backend` if it is one of `BACKENDS`, else a ValueError naming `name`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def default_backend() -> str:
+    """The backend new models start with: $RWKV_CLIP_KERNEL_BACKEND, else "auto"."""
+    for variable in (BACKEND_ENV, _LEGACY_BACKEND_ENV):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return check_backend(value, f"${variable}")
+    return "auto"
 
 
 class KernelUnavailableError(RuntimeError):
@@ -49,26 +74,10 @@ def _trust_remote_code() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def source_checkout_kernel_dir() -> Path | None:
-    """`cuda/` of the source checkout this package runs from, if `make kernels` has built variants there."""
-    try:
-        candidate = Path(__file__).resolve().parents[4] / "cuda"
-    except IndexError:  # a flattened copy (trust_remote_code) deep in no tree
-        return None
-    if (candidate / "build.toml").is_file() and (candidate / "build").is_dir():
-        return candidate
-    return None
-
-
 def _get_kernel(repo_id: str, device_type: str):
     import kernels
 
     trust = _trust_remote_code()
-    local = source_checkout_kernel_dir()
-    overridden = any(entry.split("=", 1)[0] == repo_id for entry in os.environ.get("LOCAL_KERNELS", "").split(":"))
-    if local is not None and repo_id == DEFAULT_KERNEL_REPO and not overridden:
-        # a development checkout: use what `make kernels` built rather than asking the Hub
-        return kernels.get_local_kernel(local, backend="cpu" if device_type == "cpu" else None)
     if device_type == "cpu":
         try:
             return kernels.get_kernel(repo_id, version=KERNEL_VERSION, backend="cpu", trust_remote_code=trust)
@@ -80,12 +89,18 @@ def _get_kernel(repo_id: str, device_type: str):
 
 
 def _load(repo_id: str, device_type: str):
-    if device_type not in _DISPATCH_KEYS:
+    if device_type not in _DEVICE_TYPES:
         raise KernelUnavailableError(f"the Bi-WKV kernel has no {device_type} implementation (only cpu and cuda)")
     module = _get_kernel(repo_id, device_type)
-    op = module.add_op_namespace_prefix("forward")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, _DISPATCH_KEYS[device_type]):
-        raise KernelUnavailableError(f"the loaded build of {repo_id} has no {device_type} implementation")
+    # one tiny call proves that the loaded build runs on this device type (a CPU-only build raises for CUDA)
+    probe = torch.zeros(1, 1, 1, 16, device=device_type)
+    try:
+        with torch.no_grad():
+            module.bi_wkv(probe, probe, probe, probe, probe[0, 0])
+    except Exception as error:
+        raise KernelUnavailableError(
+            f"the loaded build of {repo_id} does not run on {device_type}: {type(error).__name__}: {error}"
+        ) from error
     return module
 
 
@@ -124,8 +139,7 @@ def resolve_kernel(device_type: str, backend: str, repo_id: str | None = None) -
 
     A constant for torch.compile, which calls it while tracing, so that loading never breaks the graph.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "torch":
         return ""
     try:
