@@ -194,11 +194,20 @@ def test_output_hidden_states(model):
 
 
 def test_bf16_autocast_forward(model):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=torch.tensor([[BOS, 4, EOS]]), pixel_values=torch.randn(2, 3, 32, 32))
-    reference = model(input_ids=torch.tensor([[BOS, 4, EOS]]), pixel_values=torch.randn(2, 3, 32, 32))
-    assert torch.isfinite(out.logits_per_image).all()
-    assert out.logits_per_image.shape == reference.logits_per_image.shape
+    """Under bf16 autocast the GEMMs run in bf16 while Bi-WKV and the norms stay float32: the embeddings stay
+    close to the float32 ones (cosine >= 0.99 on random weights, whose activations are larger than trained ones)."""
+    ids = torch.tensor([[BOS, 4, 9, 17, EOS], [BOS, 5, 6, EOS, 0]])
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values=pixel_values)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, pixel_values=pixel_values)
+    for name in ("image_embeds", "text_embeds"):
+        got, expected = getattr(out, name).float(), getattr(reference, name)
+        assert got.shape == expected.shape
+        cosine = F.cosine_similarity(got, expected, dim=-1)
+        assert (cosine >= 0.99).all(), (name, cosine)
+        assert not torch.equal(got, expected), name  # bf16 really ran
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(config):
@@ -374,4 +383,3 @@ def test_module_names_are_shared_by_both_towers(model):
     vision_block = model.vision_model.encoder.layers[0]
     assert type(text_block) is type(vision_block)
     assert text_block.token_mix.shift_offsets != vision_block.token_mix.shift_offsets
-    assert F.normalize is not None  # keep the import used for readers of the reference

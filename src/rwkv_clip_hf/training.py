@@ -3,7 +3,7 @@
 * `ContrastiveTransform`: a `datasets` `set_transform` that turns rows with an image column and one or more
   caption columns into model inputs, lazily, choosing one caption per sample and step (the paper's text
   augmentation, ARCHITECTURE.md §8).
-* `ContrastiveCollator` / `ClassificationCollator`: batch what the transforms produce.
+* `ContrastiveCollator` / `classification_collator`: batch what the transforms produce.
 * `LogitScaleClampCallback`: clamps `logit_scale` to [0, ln 100] after every optimizer step.
 * `ContrastiveLoss`: the symmetric InfoNCE of CLIP training over the global batch of every rank
   (open_clip's `ClipLoss`: `local_loss`, `gather_with_grad`, cached labels).

@@ -1,4 +1,4 @@
-"""The paper's data side: diverse description generation (issue 9).
+"""The paper's data side: diverse description generation.
 
 For every image: a synthetic caption Ts from an image-to-text model (`Captioner`), tags from an image classifier
 or zero-shot over a tag vocabulary (`ClassifierTagger`, `ZeroShotTagger`), and a generated description Tg from an
