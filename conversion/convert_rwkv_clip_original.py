@@ -34,6 +34,7 @@ from huggingface_hub.utils import tqdm
 from transformers import AutoModel
 
 import original_reference
+import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 
 
@@ -424,6 +425,14 @@ def check_layout(state: dict[str, torch.Tensor], config: RWKVCLIPConfig) -> None
     not_float = [
         f"{key} ({state[key].dtype})" for key in expected if key in state and not state[key].is_floating_point()
     ]
+    non_finite = []
+    for key in expected:
+        tensor = state.get(key)
+        if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            non_finite.append(f"{key} ({bad} of {tensor.numel()} values are NaN or infinite)")
     problems = []
     if missing:
         problems.append(f"missing keys: {_preview(missing)}")
@@ -436,6 +445,10 @@ def check_layout(state: dict[str, torch.Tensor], config: RWKVCLIPConfig) -> None
     if problems:
         raise ConversionError(
             f"the checkpoint does not match the inferred architecture ({describe(config)}): " + "; ".join(problems)
+        )
+    if non_finite:
+        raise ConversionError(
+            f"the checkpoint holds non-finite values (a diverged or corrupted training run?): {_preview(non_finite)}"
         )
 
 
@@ -837,11 +850,41 @@ def file_sha256(path: Path) -> str:
 # ============================================================================ output directory
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+# What a conversion writes: --overwrite replaces only a directory holding nothing else. Besides these, the model
+# code that save_pretrained copies (modules of the package) and, when publishing, whatever the new conversion wrote.
+OUTPUT_FILES = frozenset(
+    {"config.json", "model.safetensors", "README.md", "processor_config.json", "tokenizer_config.json",
+     "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "merges.txt",
+     "bpe_simple_vocab_16e6.txt.gz", "chat_template.jinja", "generation_config.json"}
+    | {path.name for path in Path(rwkv_clip_hf.__file__).parent.rglob("*.py")}
+    | set(getattr(rwkv_clip_hf.configuration_rwkv_clip, "_REMOTE_CODE_FILES", {}))  # the flattened model code
+)  # fmt: skip
+
+
+def _check_output(output: Path, overwrite: bool, inputs: Iterable[Path] = (), written: Iterable[str] = ()) -> None:
+    """Refuse an output that is a file, holds (or is) one of `inputs`, or is not empty without `overwrite`;
+    with `overwrite`, refuse one holding anything this converter does not write (`OUTPUT_FILES`, `written`)."""
     if output.exists() and not output.is_dir():
         raise ConversionError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    resolved = output.resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if path == resolved or resolved in path.parents:
+            raise ConversionError(
+                f"output {output} contains the input {path}: replacing it would delete the input; choose an "
+                "output directory outside the one holding the checkpoint and config"
+            )
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
         raise ConversionError(f"output directory {output} exists and is not empty; pass --overwrite to replace it")
+    ours = OUTPUT_FILES | set(written)
+    foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in ours or not entry.is_file())
+    if foreign:
+        raise ConversionError(
+            f"output directory {output} holds files this converter did not write: {_preview(foreign)}; "
+            "--overwrite only replaces a previous conversion. Move them away or choose another directory"
+        )
 
 
 def _current_umask() -> int:
@@ -902,7 +945,8 @@ def convert_checkpoint(
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     checkpoint, output = Path(checkpoint), Path(output_dir).absolute()
-    _check_output(output, overwrite)
+    inputs = [checkpoint] + ([Path(original_config)] if isinstance(original_config, (str, os.PathLike)) else [])
+    _check_output(output, overwrite, inputs)
     if isinstance(original_config, (str, os.PathLike)):
         original_config = load_original_config(original_config)
 
@@ -942,7 +986,8 @@ def convert_checkpoint(
             verification=report,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _check_output(output, overwrite)  # it may have appeared while we were converting
+        # it may have appeared (or gained files) while we were converting
+        _check_output(output, overwrite, inputs, written=[entry.name for entry in staging.iterdir()])
         _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -499,26 +499,67 @@ def test_interrupted_write_leaves_no_output(tmp_path, tiny_checkpoint, monkeypat
 
     # an existing output being replaced survives a failed replacement untouched
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    (tmp_path / "out" / "config.json").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt", "out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]
+    assert (tmp_path / "out" / "config.json").read_text() == "old"
 
 
 def test_non_empty_output_needs_overwrite(tmp_path, tiny_checkpoint):
     checkpoint, _ = tiny_checkpoint
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    first = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(conv.ConversionError, match=r"out exists and is not empty; pass --overwrite"):
         conv.convert_checkpoint(checkpoint, tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
-    conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)  # a previous conversion is replaced
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns != first
     (tmp_path / "empty").mkdir()  # an empty directory is simply filled
     conv.convert_checkpoint(checkpoint, tmp_path / "empty")
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_overwrite_never_deletes_the_input_or_files_it_did_not_write(tmp_path, capsys):
+    """--overwrite on the checkpoint's own folder (or one above it, or one holding other files) is refused up
+    front: nothing is deleted, nothing is written."""
+    source = tmp_path / "D"
+    source.mkdir()
+    checkpoint = source / "model_31.pt"
+    torch.save(synthetic_original(TINY_B32), checkpoint)
+    (source / "notes.txt").write_text("mine")
+    config = tmp_path / "cfg" / "RWKV_CLIP.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(original_config_json(TINY_B32)))
+    before = _tree(tmp_path)
+    for output, inputs in ((source, []), (tmp_path, []), (source / "sub" / "..", []), (config.parent, ["--config", str(config)])):
+        argv = ["--checkpoint", str(checkpoint), "--output", str(output), "--overwrite", *inputs]
+        assert conv.main(argv) == 2, output
+        err = capsys.readouterr().err
+        assert "contains the input" in err and ("model_31.pt" in err or "RWKV_CLIP.json" in err), err
+        assert _tree(tmp_path) == before
+    # a previous conversion's folder that has gained a file of the user's: refused, the file kept
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    (tmp_path / "out" / "results.csv").write_text("mine")
+    before = _tree(tmp_path)
+    assert conv.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "did not write: results.csv" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    def edit(state):
+        state["module.text_model.blocks.1.att.key.weight"][3, 4] = bad
+
+    checkpoint = _edited_checkpoint(tmp_path / "model.pt", edit)
+    with pytest.raises(conv.ConversionError, match=r"non-finite values.*text_model\.blocks\.1\.att\.key\.weight \(1 of"):
+        conv.convert_checkpoint(checkpoint, tmp_path / "out", verify=True)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------- verify can fail
