@@ -35,7 +35,14 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
-from rwkv_clip_hf.training import ClassificationTransform, RWKVCLIPTrainer, classification_collator, compute_accuracy
+from rwkv_clip_hf.training import (
+    ClassificationTransform,
+    NonFiniteTrainingCallback,
+    NonFiniteTrainingError,
+    RWKVCLIPTrainer,
+    classification_collator,
+    compute_accuracy,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ class Arguments:
                   "(all 48 are classes, also the held-out ones that --exclude_held_out_pairs leaves out); or "
                   "shape_or_color: 14 classes, the 6 shapes and the 8 colours, every other image labelled by its "
                   "shape, the rest by its colour, so that one head learns both apart (held-back accuracy is then at "
-                  "most about 50 %: the model cannot know which of the two an image was labelled with); or "
+                  "most about one half: the model cannot know which of the two an image was labelled with); or "
                   "shape_and_color: the same 14 classes as multi-label classification, every image labelled with "
                   "both its shape and its colour.",
                   "choices": ["shape", "color", "pair", "shape_or_color", "shape_and_color"]},
@@ -179,8 +186,12 @@ def main():
         eval_dataset=evaluation,
         data_collator=classification_collator,
         compute_metrics=compute_accuracy,
+        callbacks=[NonFiniteTrainingCallback()],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteTrainingError as error:
+        raise SystemExit(f"error: {error}") from None
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # eval_results.json in --output_dir

@@ -50,7 +50,13 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
-from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform, RWKVCLIPTrainer
+from rwkv_clip_hf.training import (
+    ContrastiveCollator,
+    ContrastiveTransform,
+    NonFiniteTrainingCallback,
+    NonFiniteTrainingError,
+    RWKVCLIPTrainer,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -248,8 +254,12 @@ def main():
         eval_dataset=validation,
         data_collator=ContrastiveCollator(processor.tokenizer),
         group_by_column=data_args.group_by_column,
+        callbacks=[NonFiniteTrainingCallback()],
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteTrainingError as error:
+        raise SystemExit(f"error: {error}") from None
     trainer.log_metrics("train", result.metrics)
     if validation is not None:
         trainer.log_metrics("eval", trainer.evaluate())

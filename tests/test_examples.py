@@ -165,6 +165,34 @@ def test_classification_example_refuses_labels_that_are_not_class_indices(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_prints_its_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        load_example(script).main()
+    assert exit_info.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train_contrastive", "finetune_classification"])
+def test_diverging_training_exits_non_zero_without_saving(tmp_path, script):
+    """--learning_rate 1e6 makes the loss NaN within a few steps: a clear error and exit 1, no weights written."""
+    config = short_context_config()
+    RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
+    RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
+    command = [sys.executable, str(ROOT / "examples" / f"{script}.py"), "--output_dir", str(tmp_path / "out"),
+               "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--num_train_epochs", "4",
+               "--per_device_train_batch_size", "16", "--learning_rate", "1e6", "--warmup_steps", "0",
+               "--save_strategy", "no", "--eval_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
+               "--use_cpu", "True", "--validation_fraction", "0.25"]
+    if script == "finetune_classification":
+        command += ["--load_best_model_at_end", "False"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "error: training diverged at optimizer step" in result.stderr, result.stderr[-3000:]
+    assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "eval_results.json").exists()
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
     classification = load_example("finetune_classification")
