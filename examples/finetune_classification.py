@@ -34,6 +34,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
+from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
 from rwkv_clip_hf.training import (
     ClassificationTransform,
@@ -172,6 +173,7 @@ def main():
         model.vision_model.requires_grad_(False)
     try:
         image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        check_processor_matches_model(image_processor, model)  # a warning when its crop is not the model's size
     except OSError:
         size = model.config.vision_config.image_size
         image_processor = RWKVCLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)

@@ -49,6 +49,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
 from rwkv_clip_hf.training import (
     ContrastiveCollator,
@@ -229,10 +230,9 @@ def main():
     image_size = model.config.vision_config.image_size
     if model_args.model_name_or_path:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        check_processor_matches_model(processor, model)  # a warning when its sizes are not the model's
     else:
-        processor = RWKVCLIPProcessor.from_bundled(
-            image_size=image_size, context_length=model.config.text_config.max_position_embeddings
-        )
+        processor = RWKVCLIPProcessor.from_bundled(config=model.config)
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
     train, validation = load_data(data_args, image_size, training_args.seed)
