@@ -18,8 +18,9 @@ accuracy = rows whose every label is right):
     python examples/finetune_classification.py --output_dir runs/cifar --model_name_or_path path/to/rwkv-clip-b32 \
         --dataset_name uoft-cs/cifar10 --image_column img --label_column label --eval_split test
 
-Several processes: `torchrun --nproc_per_node 2 examples/finetune_classification.py ...` or
-`accelerate launch --num_processes 2 examples/finetune_classification.py ...`.
+Several processes (data-parallel; gloo on a machine without CUDA): `torchrun --nproc_per_node 2
+examples/finetune_classification.py ...` or `accelerate launch --multi_gpu --num_processes 2
+examples/finetune_classification.py ...`.
 Accuracy (`evaluate`'s accuracy metric) is reported on the evaluation split after every epoch.
 """
 
@@ -29,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
 from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments, set_seed
 
@@ -138,6 +140,10 @@ def load_splits(args: Arguments, seed: int):
 def main():
     parser = HfArgumentParser((Arguments, TrainingArguments))
     parser.set_defaults(**DEFAULTS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel training
+        # over gloo only with use_cpu; without it every process would train on the whole dataset alone
+        parser.set_defaults(use_cpu=True)
     args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity_warning()

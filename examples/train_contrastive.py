@@ -26,10 +26,12 @@ the image tower then stays the classifier's):
     python examples/train_contrastive.py --output_dir runs/two-stage --generate_shapes 2000 --config_name tiny \
         --vision_model_name_or_path runs/cls --num_train_epochs 3 --per_device_train_batch_size 64
 
-Several processes (the contrastive loss is then over the global batch of all ranks):
+Several processes, data-parallel (the contrastive loss is then over the global batch of all ranks; rank 0 writes
+--output_dir). On a machine without CUDA the processes use gloo (`use_cpu` is set for them). `accelerate launch`
+starts several processes without an `accelerate config` only with --multi_gpu (also on CPUs):
 
     torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
-    accelerate launch --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
 
 Defaults follow the paper's recipe (AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, lr 1e-3, 10 %
 warmup then cosine, gradient clipping 1.0); every `TrainingArguments` flag can override them. The model and
@@ -218,6 +220,10 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel training
+        # over gloo only with use_cpu; without it every process would train on the whole dataset alone
+        parser.set_defaults(use_cpu=True)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
@@ -234,6 +240,10 @@ def main():
     else:
         processor = RWKVCLIPProcessor.from_bundled(config=model.config)
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    if training_args.world_size > 1 and training_args.process_index == 0:
+        logger.info("%d processes (%s), global batch %d", training_args.world_size, training_args.device.type,
+                    training_args.world_size * training_args.per_device_train_batch_size
+                    * training_args.gradient_accumulation_steps)
 
     train, validation = load_data(data_args, image_size, training_args.seed)
     transform = ContrastiveTransform(
@@ -264,6 +274,7 @@ def main():
     if validation is not None:
         trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: steps, global batch, log history
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         logger.info("saved model and processor to %s (logit scale %.3f)", training_args.output_dir,

@@ -4,6 +4,7 @@ labels by examples/finetune_classification.py, then copied into a fresh RWKV-CLI
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,28 @@ def test_diverging_training_exits_non_zero_without_saving(tmp_path, script):
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "error: training diverged at optimizer step" in result.stderr, result.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "eval_results.json").exists()
+
+
+def test_torchrun_two_cpu_processes_train_data_parallel_with_one_writer(tmp_path):
+    """README's `torchrun --nproc_per_node 2 examples/train_contrastive.py ...` on a CPU-only machine (as CI is):
+    two gloo ranks splitting the data (half the optimizer steps of one process: global batch 2 x 8), one output."""
+    config = short_context_config()
+    overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "ddp"),
+               "--generate_shapes", "32", "--config_name", "tiny", "--config_overrides", json.dumps(overrides),
+               "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--validation_fraction", "0",
+               "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "2 processes (cpu), global batch 16" in output, output[-3000:]
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 32 rows / (2 ranks x 8); one process alone would take 4 steps
+    assert output.count("saved model and processor to") == 1  # rank 0 writes, rank 1 does not
+    RWKVCLIPModel.from_pretrained(tmp_path / "ddp")
+    AutoProcessor.from_pretrained(tmp_path / "ddp")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
