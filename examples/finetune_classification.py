@@ -36,6 +36,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
+from rwkv_clip_hf.evaluation.data import load_eval_dataset
 from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
 from rwkv_clip_hf.training import (
@@ -100,6 +101,18 @@ def shapes_label(kind: str, index: int, color: str, shape: str) -> str | list[st
     return pair_name(color, shape) if kind == "pair" else shape
 
 
+def load_split(name: str, split: str, config_name: str | None, split_option: str):
+    """`(dataset, has_splits)`: one split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict,
+    data files, an image folder), as `rwkv-clip-eval` loads it; a message naming the option, not a traceback."""
+    try:
+        data = load_eval_dataset(
+            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
+        )
+    except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
+        raise SystemExit(f"error: {error}") from None
+    return data.dataset, data.source["split"] is not None
+
+
 def load_splits(args: Arguments, seed: int):
     if args.generate_shapes:
         excluded = held_out_pairs() if args.exclude_held_out_pairs else ()
@@ -124,15 +137,16 @@ def load_splits(args: Arguments, seed: int):
         return split["train"], split["test"]
     if not args.dataset_name:
         raise SystemExit("give --dataset_name or --generate_shapes N")
-    if os.path.isdir(args.dataset_name) and os.path.exists(os.path.join(args.dataset_name, "dataset_dict.json")):
-        loaded = datasets.load_from_disk(args.dataset_name)
-    else:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    train = loaded[args.train_split]
+    train, has_splits = load_split(args.dataset_name, args.train_split, args.dataset_config_name, "--train_split")
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.eval_split:
-        return train, loaded[args.eval_split]
+        if not has_splits:
+            raise SystemExit(
+                f"error: --dataset_name {args.dataset_name} is a single dataset without splits: drop --eval_split "
+                "(--validation_fraction of it is then held out for evaluation)"
+            )
+        return train, load_split(args.dataset_name, args.eval_split, args.dataset_config_name, "--eval_split")[0]
     split = train.train_test_split(test_size=args.validation_fraction, seed=seed)
     return split["train"], split["test"]
 

@@ -51,6 +51,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.evaluation.data import load_eval_dataset
 from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
 from rwkv_clip_hf.training import (
@@ -189,6 +190,17 @@ def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
     return model
 
 
+def load_split(name: str, split: str, config_name: str | None, split_option: str):
+    """One split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict, data files, an image
+    folder), as `rwkv-clip-eval` loads it; a message naming the option instead of a traceback."""
+    try:
+        return load_eval_dataset(
+            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
+        ).dataset
+    except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
+        raise SystemExit(f"error: {error}") from None
+
+
 def load_data(data_args: DataArguments, image_size: int, seed: int):
     if data_args.generate_shapes:
         excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
@@ -197,12 +209,7 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
             scene_size=data_args.shapes_scene_size, random_colors=data_args.shapes_random_colors,
         )
     elif data_args.dataset_name:
-        if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):
-            dataset = datasets.load_from_disk(data_args.dataset_name)
-        else:
-            dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[data_args.train_split]
+        dataset = load_split(data_args.dataset_name, data_args.train_split, data_args.dataset_config_name, "--train_split")
     else:
         raise SystemExit("give --dataset_name or --generate_shapes N")
     wanted = [data_args.image_column, *data_args.caption_columns] + ([data_args.group_by_column] if data_args.group_by_column else [])

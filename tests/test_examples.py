@@ -216,6 +216,41 @@ def test_torchrun_two_cpu_processes_train_data_parallel_with_one_writer(tmp_path
     AutoProcessor.from_pretrained(tmp_path / "ddp")
 
 
+@pytest.mark.parametrize("layout", ["Dataset", "DatasetDict"])
+def test_both_training_examples_read_both_saved_layouts(tmp_path, contrastive, layout):
+    """A `save_to_disk` Dataset or DatasetDict works in both scripts (the loader of rwkv-clip-eval); a missing
+    split or path is an error naming the option, not a traceback."""
+    classification = load_example("finetune_classification")
+    images = [Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue", "white")]
+    rows = datasets.Dataset.from_dict({"image": images, "caption": ["r", "g", "b", "w"], "label": [0, 1, 2, 0]})
+    data = datasets.DatasetDict({"train": rows, "test": rows.select(range(2))}) if layout == "DatasetDict" else rows
+    data.save_to_disk(str(tmp_path / "data"))
+
+    train, _ = contrastive.load_data(
+        contrastive.DataArguments(dataset_name=str(tmp_path / "data"), validation_fraction=0), 32, seed=0
+    )
+    assert train["caption"] == ["r", "g", "b", "w"]
+    arguments = classification.Arguments(model_name_or_path="unused", dataset_name=str(tmp_path / "data"),
+                                         validation_fraction=0.25)
+    train, evaluation = classification.load_splits(arguments, seed=0)
+    assert len(train) + len(evaluation) == 4
+    arguments.eval_split = "test"
+    if layout == "DatasetDict":
+        train, evaluation = classification.load_splits(arguments, seed=0)
+        assert (len(train), len(evaluation)) == (4, 2)
+        arguments.train_split = "training"
+        with pytest.raises(SystemExit, match=r"has no split 'training'; available splits: \['train', 'test'\] \(choose with --train_split\)"):
+            classification.load_splits(arguments, seed=0)
+        with pytest.raises(SystemExit, match=r"no split 'training'; .*\(choose with --train_split\)"):
+            contrastive.load_data(contrastive.DataArguments(dataset_name=str(tmp_path / "data"), train_split="training"),
+                                  32, seed=0)
+    else:
+        with pytest.raises(SystemExit, match="a single dataset without splits: drop --eval_split"):
+            classification.load_splits(arguments, seed=0)
+    with pytest.raises(SystemExit, match=r"--dataset_name .*missing: no such file or directory"):
+        contrastive.load_data(contrastive.DataArguments(dataset_name=str(tmp_path / "missing")), 32, seed=0)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
     classification = load_example("finetune_classification")
