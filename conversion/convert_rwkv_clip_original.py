@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import tqdm
 from transformers import AutoModel
 
@@ -264,8 +265,12 @@ def infer_config(state: dict[str, torch.Tensor], original_config: dict | None = 
         vision.update(vision_extra)
     try:
         return RWKVCLIPConfig(text_config=text, vision_config=vision)
-    except (ValueError, TypeError) as error:
-        raise ConversionError(f"the checkpoint's architecture is not supported: {error}") from None
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        # the config's validators speak of config fields; keep their last line (the reason), not the wrapper's
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConversionError(
+            f"the checkpoint's architecture is not supported: {reason[-1] if reason else type(error).__name__}"
+        ) from None
 
 
 # original field: (tower, our field, how the tensors' value is derived); checked against the tensors
@@ -331,12 +336,24 @@ def check_original_config(original: dict, vision: dict, text: dict) -> tuple[dic
         raise ConversionError("the original config disagrees with the checkpoint: " + "; ".join(problems))
 
     text_extra, vision_extra = {}, {}
+    invalid = []
+    for field in ("ctx_len", "head_size_divisor"):
+        value = original.get(field)
+        if field in original and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            invalid.append(f"{field}={value!r} must be a positive integer")
+    rate = original.get("drop_path_rate")
+    if "drop_path_rate" in original and (
+        isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0
+    ):
+        invalid.append(f"drop_path_rate={rate!r} must be a number in [0, 1)")
+    if invalid:
+        raise ConversionError("invalid values in the original config: " + "; ".join(invalid))
     if "ctx_len" in original:
-        text_extra["max_position_embeddings"] = int(original["ctx_len"])
+        text_extra["max_position_embeddings"] = original["ctx_len"]
     if "head_size_divisor" in original:
-        text_extra["head_size_divisor"] = int(original["head_size_divisor"])
+        text_extra["head_size_divisor"] = original["head_size_divisor"]
     if "drop_path_rate" in original:
-        vision_extra["drop_path_rate"] = float(original["drop_path_rate"])
+        vision_extra["drop_path_rate"] = float(rate)
     used = {"ctx_len", "head_size_divisor", "drop_path_rate"}
     known = set(_CHECKED_FIELDS) | set(_MUST_BE_OFF) | _TRAINING_ONLY | used
     unknown = sorted(set(original) - known)
@@ -887,6 +904,43 @@ def _check_output(output: Path, overwrite: bool, inputs: Iterable[Path] = (), wr
         )
 
 
+STALE_LEGACY_SECONDS = 3600
+
+
+def _clean_stale_partials(output: Path) -> None:
+    """Remove `.NAME.partial-PID-*` staging folders of conversions that were killed (their process is gone;
+    folders without a PID, from older versions, once untouched for an hour). A live conversion's are kept."""
+    if not output.parent.is_dir():
+        return
+    for entry in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = entry.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit():
+            stale = not _process_alive(int(pid))
+        else:
+            stale = time.time() - entry.stat().st_mtime > STALE_LEGACY_SECONDS
+        if stale:
+            logger.info("removing %s, left by an interrupted conversion", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
@@ -916,6 +970,12 @@ def _publish(staging: Path, output: Path) -> None:
 
 
 # ============================================================================ driver
+
+
+def _os_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f" ({error.filename})" if error.filename else "")
+    return f"{type(error).__name__}: {error}"
 
 
 @dataclasses.dataclass
@@ -951,15 +1011,24 @@ def convert_checkpoint(
         original_config = load_original_config(original_config)
 
     state = load_original_state_dict(checkpoint)
-    config = infer_config(state, original_config)
-    logger.info("architecture: %s (%s)", architecture_name(config) or "custom", describe(config))
-    converted = convert_state_dict(state, config, DTYPES[dtype])
-    model = build_model(config, converted)
+    try:
+        config = infer_config(state, original_config)
+        logger.info("architecture: %s (%s)", architecture_name(config) or "custom", describe(config))
+        converted = convert_state_dict(state, config, DTYPES[dtype])
+        model = build_model(config, converted)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as error:
+        raise ConversionError(
+            f"the checkpoint's architecture is not supported: {type(error).__name__}: {error}"
+        ) from error
 
     training = list(training_data or []) or infer_training_data(push_to_hub, output.name, str(checkpoint))
     logger.info("training data: %s", ", ".join(training) if training else "unknown")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_partials(output)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"cannot write the output {output}: {_os_error(error)}") from None
     try:
         logger.info("writing %s (staging in %s)", output, staging.name)
         model.save_pretrained(staging)
@@ -989,8 +1058,10 @@ def convert_checkpoint(
         # it may have appeared (or gained files) while we were converting
         _check_output(output, overwrite, inputs, written=[entry.name for entry in staging.iterdir()])
         _publish(staging, output)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # e.g. disk full, read-only
+            raise ConversionError(f"cannot write the output {output}: {_os_error(error)}; nothing was written") from None
         raise
     logger.info("wrote %s", output)
 
@@ -1030,7 +1101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Exit status: 0 success, 1 verification failed, 2 any other conversion error."""
+    """CLI entry point. Exit status: 0 success, 1 verification failed, 2 any other conversion error (bad input,
+    unwritable output), 3 an unexpected error (a bug)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -1050,6 +1122,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug of the converter: a short message, the traceback only at debug level
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"error: unexpected {type(error).__name__} while converting {args.checkpoint}: {error} (please report "
+            "this; nothing was written)",
+            file=sys.stderr,
+        )
+        return 3
     if result.verification is not None:
         print("\n".join(result.verification.lines()))
     print(f"converted {args.checkpoint} -> {result.output_dir}")

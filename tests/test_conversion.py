@@ -4,11 +4,14 @@ The synthetic checkpoints are built here from the layout of the released files (
 listing tests/data/original_checkpoint_keys_b32.txt), not from the converter's own layout table.
 """
 
+import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -560,6 +563,90 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
     with pytest.raises(conv.ConversionError, match=r"non-finite values.*text_model\.blocks\.1\.att\.key\.weight \(1 of"):
         conv.convert_checkpoint(checkpoint, tmp_path / "out", verify=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("ctx_len", -5, "must be a positive integer"), ("ctx_len", None, "must be a positive integer"),
+     ("ctx_len", 3.7, "must be a positive integer"), ("ctx_len", "77", "must be a positive integer"),
+     ("head_size_divisor", True, "must be a positive integer"), ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
+     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"), ("n_layer", None, "n_layer=None but the tensors give 2")],
+)  # fmt: skip
+def test_invalid_original_config_values_are_named(tmp_path, tiny_checkpoint, capsys, field, value, message):
+    checkpoint, _ = tiny_checkpoint
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(original_config_json(TINY_B32, **{field: value})))
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--config", str(config)]
+    assert conv.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{field}={value!r}" in err and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_a_conversion_error(tmp_path, capsys):
+    torch.save(synthetic_original({**TINY_B32, "mix_rank": 0}), tmp_path / "model.pt")
+    assert conv.main(["--checkpoint", str(tmp_path / "model.pt"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's architecture is not supported: ValueError: RWKVCLIPTextConfig: mix_lora_rank" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_and_full_disk_are_conversion_errors(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(conv.tempfile, "mkdtemp", read_only)
+        assert conv.main(argv) == 2
+    assert f"cannot write the output {tmp_path / 'out'}: Permission denied ({tmp_path})" in capsys.readouterr().err
+
+    def disk_full(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RWKVCLIPModel, "save_pretrained", disk_full)
+        assert conv.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output" in err and "No space left on device; nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt"]  # no staging folder left either
+
+
+def test_unexpected_errors_exit_3_without_a_traceback(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+
+    def broken(*args, **kwargs):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(conv, "model_card", broken)
+    assert conv.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "error: unexpected KeyError" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt"]
+
+
+def test_stale_partial_folders_of_killed_runs_are_removed(tmp_path, tiny_checkpoint):
+    checkpoint, _ = tiny_checkpoint
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partials = {
+        "dead": tmp_path / f".out.partial-{int(dead.stdout)}-abc123",
+        "live": tmp_path / f".out.partial-{os.getpid()}-def456",
+        "legacy-old": tmp_path / ".out.partial-k2j4h5g6",
+        "legacy-new": tmp_path / ".out.partial-a1b2c3d4",
+        "other-output": tmp_path / f".other.partial-{int(dead.stdout)}-abc123",
+    }
+    for path in partials.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 100)
+    old = time.time() - 2 * conv.STALE_LEGACY_SECONDS
+    os.utime(partials["legacy-old"], (old, old))
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    left = {name for name, path in partials.items() if path.exists()}
+    assert left == {"live", "legacy-new", "other-output"}
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------- verify can fail
