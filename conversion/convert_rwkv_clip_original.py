@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils import tqdm
 from transformers import AutoModel
 
@@ -1004,6 +1005,8 @@ def convert_checkpoint(
     """
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if push_to_hub:
+        check_hub_access(push_to_hub)  # before minutes of converting, not after
     checkpoint, output = Path(checkpoint), Path(output_dir).absolute()
     inputs = [checkpoint] + ([Path(original_config)] if isinstance(original_config, (str, os.PathLike)) else [])
     _check_output(output, overwrite, inputs)
@@ -1066,22 +1069,66 @@ def convert_checkpoint(
     logger.info("wrote %s", output)
 
     if push_to_hub:
-        logger.info("uploading %s to the Hub repository %s", output, push_to_hub)
-        api = HfApi()
-        api.create_repo(push_to_hub, repo_type="model", exist_ok=True)
-        api.upload_folder(
-            repo_id=push_to_hub,
-            folder_path=output,
-            commit_message=f"Convert original RWKV-CLIP checkpoint {checkpoint.name}",
-        )
+        upload(output, push_to_hub, commit_message=f"Convert original RWKV-CLIP checkpoint {checkpoint.name}")
     return ConversionResult(output_dir=output, config=config, verification=report)
+
+
+def check_hub_access(repo_id: str) -> None:
+    """Raise `ConversionError` unless `repo_id` is a valid model repository id and a Hub token is usable."""
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it must be NAMESPACE/NAME, e.g. your-user/RWKV-CLIP-B32-YFCC15M")
+    except HFValidationError as error:
+        raise ConversionError(f"--push-to-hub {repo_id!r} is not a valid repository id: {error}") from None
+    try:
+        user = HfApi().whoami()
+    except Exception as error:  # no token (LocalTokenNotFoundError), a rejected one (401), offline, no network
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: cannot use the Hub ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "log in with `hf auth login` or set HF_TOKEN (a token with write access), then run again. Nothing was "
+            "converted"
+        ) from None
+    logger.info("Hub: logged in as %s", user.get("name", "?") if isinstance(user, dict) else user)
+
+
+def upload(output: Path, repo_id: str, commit_message: str) -> None:
+    """Upload a converted directory; a failure is a `ConversionError` that says how to retry the upload alone."""
+    logger.info("uploading %s to the Hub repository %s", output, repo_id)
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=output, commit_message=commit_message)
+    except Exception as error:
+        raise ConversionError(
+            f"the upload of {output} to {repo_id} failed ({type(error).__name__}: {str(error).splitlines()[0]}). The "
+            f"converted directory is complete; upload it alone with: python conversion/convert_rwkv_clip_original.py "
+            f"--output {output} --push-to-hub {repo_id}"
+        ) from None
+
+
+def push_converted(output_dir: str | os.PathLike, repo_id: str) -> Path:
+    """Upload a directory converted earlier (the CLI without --checkpoint)."""
+    output = Path(output_dir).absolute()
+    missing = [name for name in ("config.json", "model.safetensors", "README.md") if not (output / name).is_file()]
+    if missing:
+        raise ConversionError(
+            f"--output {output} is not a converted directory (no {', '.join(missing)}); give --checkpoint to convert"
+        )
+    check_hub_access(repo_id)
+    upload(output, repo_id, commit_message="Upload converted RWKV-CLIP checkpoint")
+    return output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert an original RWKV-CLIP checkpoint (deepglint/RWKV-CLIP) into a Hub-ready directory."
     )
-    parser.add_argument("--checkpoint", required=True, help="original torch.save state dict, e.g. model_31.pt")
+    parser.add_argument(
+        "--checkpoint",
+        help="original torch.save state dict, e.g. model_31.pt; without it, --push-to-hub uploads an --output "
+        "directory converted earlier",
+    )
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument(
         "--config", help="the authors' model_config JSON (e.g. RWKV_CLIP_B32.json); checked against the tensors"
@@ -1089,7 +1136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--verify", action="store_true", help="compare with the original-key float64 reference")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the directory to this Hub model repository")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the directory to this Hub model repository (the id and your login are checked before converting)")
     parser.add_argument(
         "--training-data",
         nargs="+",
@@ -1105,6 +1152,17 @@ def main(argv: list[str] | None = None) -> int:
     unwritable output), 3 an unexpected error (a bug)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.checkpoint is None:
+        if not args.push_to_hub:
+            print("error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)", file=sys.stderr)
+            return 2
+        try:
+            output = push_converted(args.output, args.push_to_hub)
+        except ConversionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"uploaded {output} -> {args.push_to_hub}")
+        return 0
     try:
         result = convert_checkpoint(
             args.checkpoint,

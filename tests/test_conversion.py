@@ -676,6 +676,10 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, tiny_checkpoint, m
     calls = []
 
     class FakeApi:
+        def whoami(self):
+            calls.append(("whoami",))
+            return {"name": "me"}
+
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create_repo", repo_id, kwargs))
 
@@ -685,6 +689,47 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, tiny_checkpoint, m
 
     monkeypatch.setattr(conv, "HfApi", FakeApi)
     result = conv.convert_checkpoint(checkpoint, tmp_path / "out", push_to_hub="me/RWKV-CLIP-B32-LAION10M")
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
-    assert calls[1][1:] == ("me/RWKV-CLIP-B32-LAION10M", result.output_dir)
+    assert [c[0] for c in calls] == ["whoami", "create_repo", "upload_folder"]
+    assert calls[2][1:] == ("me/RWKV-CLIP-B32-LAION10M", result.output_dir)
     assert "datasets:\n- LAION10M" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_push_to_hub_checks_access_first_and_can_push_a_converted_folder(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+    uploads, state = [], {"token": False, "upload_fails": True}
+
+    class FakeApi:
+        def whoami(self):
+            if not state["token"]:
+                raise OSError("Token is required (`token=True`), but no token found.")
+            return {"name": "me"}
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            if state["upload_fails"]:
+                raise ConnectionError("connection reset by peer")
+            uploads.append((kwargs["repo_id"], Path(kwargs["folder_path"])))
+
+    monkeypatch.setattr(conv, "HfApi", FakeApi)
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+    # invalid ids and a missing login are refused before converting: nothing written
+    for repo, message in (("not a/valid id", "is not a valid repository id"), ("just-a-name", "NAMESPACE/NAME"),
+                          ("me/model", "cannot use the Hub .*no token found.*hf auth login")):
+        assert conv.main([*argv, "--push-to-hub", repo]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+    # an upload failure after the conversion: exit 2, the folder kept, the command to upload it alone given
+    state["token"] = True
+    assert conv.main([*argv, "--push-to-hub", "me/model"]) == 2
+    err = capsys.readouterr().err
+    retry = f"--output {(tmp_path / 'out').absolute()} --push-to-hub me/model"
+    assert "upload of" in err and "connection reset by peer" in err and retry in err, err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not uploads
+    state["upload_fails"] = False
+    assert conv.main(retry.split()) == 0
+    assert uploads == [("me/model", (tmp_path / "out").absolute())]
+    assert conv.main(["--output", str(tmp_path), "--push-to-hub", "me/model"]) == 2  # not a converted folder
+    assert "is not a converted directory (no config.json" in capsys.readouterr().err
