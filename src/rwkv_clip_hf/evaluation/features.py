@@ -153,8 +153,14 @@ class FeatureCache:
 
         path = self.path(key)
         if path is not None and path.is_file():
-            logger.info("%s: cached features found, skipping the encoding (%s)", what, path)
-            return load_file(str(path))["features"]
+            try:
+                cached = load_file(str(path))["features"]
+            except Exception as error:  # truncated or corrupted (e.g. copied from an interrupted sync)
+                logger.warning("%s: the cached features %s are unreadable (%s: %s); encoding again", what, path,
+                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            else:
+                logger.info("%s: cached features found, skipping the encoding (%s)", what, path)
+                return cached
         features = compute()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +292,21 @@ class FeatureExtractor:
         column = data.dataset.select_columns([image_column])
 
         def fetch(start: int, stop: int) -> list:
-            return [to_pil(value, image_column) for value in column[start:stop][image_column]]
+            try:
+                images = [to_pil(value, image_column) for value in column[start:stop][image_column]]
+                for image in images:
+                    image.load()  # decode here, where the row is known (PIL opens lazily)
+                return images
+            except (OSError, ValueError, TypeError, SyntaxError):  # PIL's errors for undecodable files
+                for row in range(start, stop):  # find the row, and say which it is
+                    try:
+                        to_pil(column[row][image_column], image_column).load()
+                    except (OSError, ValueError, TypeError, SyntaxError) as error:
+                        raise ValueError(
+                            f"--image-column {image_column!r}: row {row} of {data.describe()} is not a readable "
+                            f"image ({type(error).__name__}: {error})"
+                        ) from None
+                raise
 
         return self.cache.get_or_compute(
             key,
