@@ -1039,9 +1039,7 @@ def convert_checkpoint(
         save_processor(staging, config)
         report = None
         if verify:
-            report = verify_conversion(state, config, staging)
-            for line in report.lines():
-                logger.info(line)
+            report = verify_conversion(state, config, staging)  # the CLI prints report.lines() once, at the end
             if not report.passed:
                 raise VerificationError(
                     "the converted model does not reproduce the original-key reference: "

@@ -151,14 +151,21 @@ def load_splits(args: Arguments, seed: int):
     return split["train"], split["test"]
 
 
-def main():
+def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((Arguments, TrainingArguments))
     parser.set_defaults(**DEFAULTS)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel training
-        # over gloo only with use_cpu; without it every process would train on the whole dataset alone
-        parser.set_defaults(use_cpu=True)
-    args, training_args = parser.parse_args_into_dataclasses()
+    if not torch.cuda.is_available():
+        # no pinned memory without an accelerator (torch warns about it on every dataloader)
+        parser.set_defaults(dataloader_pin_memory=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
+            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
+            parser.set_defaults(use_cpu=True)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main():
+    args, training_args = parse_arguments()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)

@@ -224,14 +224,21 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
     return dataset, None
 
 
-def main():
+def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel training
-        # over gloo only with use_cpu; without it every process would train on the whole dataset alone
-        parser.set_defaults(use_cpu=True)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    if not torch.cuda.is_available():
+        # no pinned memory without an accelerator (torch warns about it on every dataloader)
+        parser.set_defaults(dataloader_pin_memory=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
+            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
+            parser.set_defaults(use_cpu=True)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main():
+    model_args, data_args, training_args = parse_arguments()
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity_warning()

@@ -285,6 +285,7 @@ def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_pa
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "image embeddings max relative difference" in run.stdout
+    assert (run.stdout + run.stderr).count("image embeddings max relative difference") == 1  # not logged and printed
     assert "loading" in run.stderr and "verify" in run.stderr  # progress
     config = json.loads((output / "config.json").read_text())
     assert config["text_config"]["group_norm_eps"] == pytest.approx(1e-5 * 4**2)

@@ -176,6 +176,18 @@ def test_every_example_prints_its_help(script, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("script", ["train_contrastive", "finetune_classification"])
+def test_no_pinned_memory_without_cuda(script, monkeypatch):
+    """DataLoader warns on every epoch when asked to pin memory without an accelerator."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    *_, training_args = load_example(script).parse_arguments(["--output_dir", "unused", "--model_name_or_path", "x"])
+    assert training_args.dataloader_pin_memory is False
+    *_, training_args = load_example(script).parse_arguments(
+        ["--output_dir", "unused", "--model_name_or_path", "x", "--dataloader_pin_memory", "True"]
+    )
+    assert training_args.dataloader_pin_memory is True  # an explicit flag wins
+
+
+@pytest.mark.parametrize("script", ["train_contrastive", "finetune_classification"])
 def test_diverging_training_exits_non_zero_without_saving(tmp_path, script):
     """--learning_rate 1e6 makes the loss NaN within a few steps: a clear error and exit 1, no weights written."""
     config = short_context_config()

@@ -363,3 +363,14 @@ def test_a_truncated_cache_file_is_encoded_again(rwkv_dir, data_dir, tmp_path, c
         second = run(argv)
     assert "are unreadable" in caplog.text and "encoding again" in caplog.text
     assert second["accuracy"] == first["accuracy"]
+
+
+def test_progress_bars_only_for_more_than_one_batch(rwkv_dir, capsys):
+    from rwkv_clip_hf.evaluation.features import encode_texts
+
+    model, processor = AutoModel.from_pretrained(rwkv_dir), AutoProcessor.from_pretrained(rwkv_dir)
+    capsys.readouterr()
+    encode_texts(model, processor, ["a cat", "a dog"], batch_size=4)
+    assert "encoding" not in capsys.readouterr().err
+    encode_texts(model, processor, ["a cat", "a dog"], batch_size=1)
+    assert "encoding texts" in capsys.readouterr().err

@@ -227,7 +227,8 @@ def encode_images(
     device, dtype = _model_device_dtype(model)
     fetch = images if callable(images) else (lambda start, stop: list(images[start:stop]))
     chunks = []
-    for start in tqdm(range(0, count, batch_size), desc=f"encoding {desc}", unit="batch"):
+    batches = range(0, count, batch_size)
+    for start in tqdm(batches, desc=f"encoding {desc}", unit="batch", disable=len(batches) < 2):
         batch = fetch(start, min(start + batch_size, count))
         pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"]
         features = pooled(model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype)))
@@ -249,7 +250,8 @@ def encode_texts(model, processor, texts: Sequence[str], batch_size: int = 256, 
     if max_length is not None:
         kwargs["max_length"] = max_length
     chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {desc}", unit="batch"):
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc=f"encoding {desc}", unit="batch", disable=len(batches) < 2):
         batch = processor(text=list(texts[start : start + batch_size]), **kwargs)
         inputs = {"input_ids": batch["input_ids"].to(device)}
         if "attention_mask" in batch:
