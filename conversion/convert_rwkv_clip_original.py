@@ -1062,7 +1062,8 @@ def convert_checkpoint(
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # e.g. disk full, read-only
-            raise ConversionError(f"cannot write the output {output}: {_os_error(error)}; nothing was written") from None
+            message = f"cannot write the output {output}: {_os_error(error)}; nothing was written"
+            raise ConversionError(message) from None
         raise
     logger.info("wrote %s", output)
 
@@ -1134,7 +1135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--verify", action="store_true", help="compare with the original-key float64 reference")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the directory to this Hub model repository (the id and your login are checked before converting)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the directory to this Hub model repository (the id and your Hub login are checked before "
+        "converting)",
+    )
     parser.add_argument(
         "--training-data",
         nargs="+",
@@ -1152,7 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.checkpoint is None:
         if not args.push_to_hub:
-            print("error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)", file=sys.stderr)
+            print("error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)",
+                  file=sys.stderr)
             return 2
         try:
             output = push_converted(args.output, args.push_to_hub)

@@ -209,7 +209,9 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
             scene_size=data_args.shapes_scene_size, random_colors=data_args.shapes_random_colors,
         )
     elif data_args.dataset_name:
-        dataset = load_split(data_args.dataset_name, data_args.train_split, data_args.dataset_config_name, "--train_split")
+        dataset = load_split(
+            data_args.dataset_name, data_args.train_split, data_args.dataset_config_name, "--train_split"
+        )
     else:
         raise SystemExit("give --dataset_name or --generate_shapes N")
     wanted = [data_args.image_column, *data_args.caption_columns] + ([data_args.group_by_column] if data_args.group_by_column else [])

@@ -109,8 +109,8 @@ def load_eval_dataset(
             builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
             if builder is None:
                 raise ValueError(
-                    f"{dataset_option} {dataset}: cannot tell the format of this file; give a parquet, csv, json(l) or "
-                    "arrow file, a directory, or a Hub dataset id"
+                    f"{dataset_option} {dataset}: cannot tell the format of this file; give a parquet, csv, "
+                    "json(l) or arrow file, a directory, or a Hub dataset id"
                 )
             loaded = datasets.load_dataset(builder, data_files={"data": str(path)}, **kwargs)
             # A single file has no split names of its own.
@@ -159,7 +159,8 @@ def _pick_split(splits, split: str | None, name: str, dataset_option="--dataset"
         raise ValueError(f"{dataset_option} {name} has splits {available}; choose one with {split_option}")
     if split not in splits:
         raise ValueError(
-            f"{dataset_option} {name} has no split {split!r}; available splits: {available} (choose with {split_option})"
+            f"{dataset_option} {name} has no split {split!r}; available splits: {available} "
+            f"(choose with {split_option})"
         )
     return splits[split]
 
