@@ -101,8 +101,8 @@ class ModelArguments:
     )
     freeze_vision_model: bool = field(
         default=False,
-        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower, the "
-                  "projections and the temperature train. Useful with --vision_model_name_or_path."},
+        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower and the "
+                  "temperature train (RWKV-CLIP has no projection layers). Useful with --vision_model_name_or_path."},
     )
 
 
