@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils import tqdm
 from transformers import AutoModel
 
 import original_reference
+import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 
 
@@ -263,8 +266,12 @@ def infer_config(state: dict[str, torch.Tensor], original_config: dict | None = 
         vision.update(vision_extra)
     try:
         return RWKVCLIPConfig(text_config=text, vision_config=vision)
-    except (ValueError, TypeError) as error:
-        raise ConversionError(f"the checkpoint's architecture is not supported: {error}") from None
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        # the config's validators speak of config fields; keep their last line (the reason), not the wrapper's
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConversionError(
+            f"the checkpoint's architecture is not supported: {reason[-1] if reason else type(error).__name__}"
+        ) from None
 
 
 # original field: (tower, our field, how the tensors' value is derived); checked against the tensors
@@ -330,12 +337,24 @@ def check_original_config(original: dict, vision: dict, text: dict) -> tuple[dic
         raise ConversionError("the original config disagrees with the checkpoint: " + "; ".join(problems))
 
     text_extra, vision_extra = {}, {}
+    invalid = []
+    for field in ("ctx_len", "head_size_divisor"):
+        value = original.get(field)
+        if field in original and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            invalid.append(f"{field}={value!r} must be a positive integer")
+    rate = original.get("drop_path_rate")
+    if "drop_path_rate" in original and (
+        isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0
+    ):
+        invalid.append(f"drop_path_rate={rate!r} must be a number in [0, 1)")
+    if invalid:
+        raise ConversionError("invalid values in the original config: " + "; ".join(invalid))
     if "ctx_len" in original:
-        text_extra["max_position_embeddings"] = int(original["ctx_len"])
+        text_extra["max_position_embeddings"] = original["ctx_len"]
     if "head_size_divisor" in original:
-        text_extra["head_size_divisor"] = int(original["head_size_divisor"])
+        text_extra["head_size_divisor"] = original["head_size_divisor"]
     if "drop_path_rate" in original:
-        vision_extra["drop_path_rate"] = float(original["drop_path_rate"])
+        vision_extra["drop_path_rate"] = float(rate)
     used = {"ctx_len", "head_size_divisor", "drop_path_rate"}
     known = set(_CHECKED_FIELDS) | set(_MUST_BE_OFF) | _TRAINING_ONLY | used
     unknown = sorted(set(original) - known)
@@ -424,6 +443,14 @@ def check_layout(state: dict[str, torch.Tensor], config: RWKVCLIPConfig) -> None
     not_float = [
         f"{key} ({state[key].dtype})" for key in expected if key in state and not state[key].is_floating_point()
     ]
+    non_finite = []
+    for key in expected:
+        tensor = state.get(key)
+        if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            non_finite.append(f"{key} ({bad} of {tensor.numel()} values are NaN or infinite)")
     problems = []
     if missing:
         problems.append(f"missing keys: {_preview(missing)}")
@@ -436,6 +463,10 @@ def check_layout(state: dict[str, torch.Tensor], config: RWKVCLIPConfig) -> None
     if problems:
         raise ConversionError(
             f"the checkpoint does not match the inferred architecture ({describe(config)}): " + "; ".join(problems)
+        )
+    if non_finite:
+        raise ConversionError(
+            f"the checkpoint holds non-finite values (a diverged or corrupted training run?): {_preview(non_finite)}"
         )
 
 
@@ -837,11 +868,78 @@ def file_sha256(path: Path) -> str:
 # ============================================================================ output directory
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+# What a conversion writes: --overwrite replaces only a directory holding nothing else. Besides these, the model
+# code that save_pretrained copies (modules of the package) and, when publishing, whatever the new conversion wrote.
+OUTPUT_FILES = frozenset(
+    {"config.json", "model.safetensors", "README.md", "processor_config.json", "tokenizer_config.json",
+     "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "merges.txt",
+     "bpe_simple_vocab_16e6.txt.gz", "chat_template.jinja", "generation_config.json"}
+    | {path.name for path in Path(rwkv_clip_hf.__file__).parent.rglob("*.py")}
+    | set(getattr(rwkv_clip_hf.configuration_rwkv_clip, "_REMOTE_CODE_FILES", {}))  # the flattened model code
+)  # fmt: skip
+
+
+def _check_output(output: Path, overwrite: bool, inputs: Iterable[Path] = (), written: Iterable[str] = ()) -> None:
+    """Refuse an output that is a file, holds (or is) one of `inputs`, or is not empty without `overwrite`;
+    with `overwrite`, refuse one holding anything this converter does not write (`OUTPUT_FILES`, `written`)."""
     if output.exists() and not output.is_dir():
         raise ConversionError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    resolved = output.resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if path == resolved or resolved in path.parents:
+            raise ConversionError(
+                f"output {output} contains the input {path}: replacing it would delete the input; choose an "
+                "output directory outside the one holding the checkpoint and config"
+            )
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
         raise ConversionError(f"output directory {output} exists and is not empty; pass --overwrite to replace it")
+    ours = OUTPUT_FILES | set(written)
+    foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in ours or not entry.is_file())
+    if foreign:
+        raise ConversionError(
+            f"output directory {output} holds files this converter did not write: {_preview(foreign)}; "
+            "--overwrite only replaces a previous conversion. Move them away or choose another directory"
+        )
+
+
+STALE_LEGACY_SECONDS = 3600
+
+
+def _clean_stale_partials(output: Path) -> None:
+    """Remove `.NAME.partial-PID-*` staging folders of conversions that were killed (their process is gone;
+    folders without a PID, from older versions, once untouched for an hour). A live conversion's are kept."""
+    if not output.parent.is_dir():
+        return
+    for entry in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = entry.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit():
+            stale = not _process_alive(int(pid))
+        else:
+            stale = time.time() - entry.stat().st_mtime > STALE_LEGACY_SECONDS
+        if stale:
+            logger.info("removing %s, left by an interrupted conversion", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _current_umask() -> int:
@@ -875,6 +973,12 @@ def _publish(staging: Path, output: Path) -> None:
 # ============================================================================ driver
 
 
+def _os_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f" ({error.filename})" if error.filename else "")
+    return f"{type(error).__name__}: {error}"
+
+
 @dataclasses.dataclass
 class ConversionResult:
     output_dir: Path
@@ -901,21 +1005,33 @@ def convert_checkpoint(
     """
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if push_to_hub:
+        check_hub_access(push_to_hub)  # before minutes of converting, not after
     checkpoint, output = Path(checkpoint), Path(output_dir).absolute()
-    _check_output(output, overwrite)
+    inputs = [checkpoint] + ([Path(original_config)] if isinstance(original_config, (str, os.PathLike)) else [])
+    _check_output(output, overwrite, inputs)
     if isinstance(original_config, (str, os.PathLike)):
         original_config = load_original_config(original_config)
 
     state = load_original_state_dict(checkpoint)
-    config = infer_config(state, original_config)
-    logger.info("architecture: %s (%s)", architecture_name(config) or "custom", describe(config))
-    converted = convert_state_dict(state, config, DTYPES[dtype])
-    model = build_model(config, converted)
+    try:
+        config = infer_config(state, original_config)
+        logger.info("architecture: %s (%s)", architecture_name(config) or "custom", describe(config))
+        converted = convert_state_dict(state, config, DTYPES[dtype])
+        model = build_model(config, converted)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as error:
+        raise ConversionError(
+            f"the checkpoint's architecture is not supported: {type(error).__name__}: {error}"
+        ) from error
 
     training = list(training_data or []) or infer_training_data(push_to_hub, output.name, str(checkpoint))
     logger.info("training data: %s", ", ".join(training) if training else "unknown")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_partials(output)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"cannot write the output {output}: {_os_error(error)}") from None
     try:
         logger.info("writing %s (staging in %s)", output, staging.name)
         model.save_pretrained(staging)
@@ -923,9 +1039,7 @@ def convert_checkpoint(
         save_processor(staging, config)
         report = None
         if verify:
-            report = verify_conversion(state, config, staging)
-            for line in report.lines():
-                logger.info(line)
+            report = verify_conversion(state, config, staging)  # the CLI prints report.lines() once, at the end
             if not report.passed:
                 raise VerificationError(
                     "the converted model does not reproduce the original-key reference: "
@@ -942,30 +1056,78 @@ def convert_checkpoint(
             verification=report,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _check_output(output, overwrite)  # it may have appeared while we were converting
+        # it may have appeared (or gained files) while we were converting
+        _check_output(output, overwrite, inputs, written=[entry.name for entry in staging.iterdir()])
         _publish(staging, output)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # e.g. disk full, read-only
+            message = f"cannot write the output {output}: {_os_error(error)}; nothing was written"
+            raise ConversionError(message) from None
         raise
     logger.info("wrote %s", output)
 
     if push_to_hub:
-        logger.info("uploading %s to the Hub repository %s", output, push_to_hub)
-        api = HfApi()
-        api.create_repo(push_to_hub, repo_type="model", exist_ok=True)
-        api.upload_folder(
-            repo_id=push_to_hub,
-            folder_path=output,
-            commit_message=f"Convert original RWKV-CLIP checkpoint {checkpoint.name}",
-        )
+        upload(output, push_to_hub, commit_message=f"Convert original RWKV-CLIP checkpoint {checkpoint.name}")
     return ConversionResult(output_dir=output, config=config, verification=report)
+
+
+def check_hub_access(repo_id: str) -> None:
+    """Raise `ConversionError` unless `repo_id` is a valid model repository id and a Hub token is usable."""
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it must be NAMESPACE/NAME, e.g. your-user/RWKV-CLIP-B32-YFCC15M")
+    except HFValidationError as error:
+        raise ConversionError(f"--push-to-hub {repo_id!r} is not a valid repository id: {error}") from None
+    try:
+        user = HfApi().whoami()
+    except Exception as error:  # no token (LocalTokenNotFoundError), a rejected one (401), offline, no network
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: cannot use the Hub ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "log in with `hf auth login` or set HF_TOKEN (a token with write access), then run again. Nothing was "
+            "converted"
+        ) from None
+    logger.info("Hub: logged in as %s", user.get("name", "?") if isinstance(user, dict) else user)
+
+
+def upload(output: Path, repo_id: str, commit_message: str) -> None:
+    """Upload a converted directory; a failure is a `ConversionError` that says how to retry the upload alone."""
+    logger.info("uploading %s to the Hub repository %s", output, repo_id)
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=output, commit_message=commit_message)
+    except Exception as error:
+        raise ConversionError(
+            f"the upload of {output} to {repo_id} failed ({type(error).__name__}: {str(error).splitlines()[0]}). The "
+            f"converted directory is complete; upload it alone with: python conversion/convert_rwkv_clip_original.py "
+            f"--output {output} --push-to-hub {repo_id}"
+        ) from None
+
+
+def push_converted(output_dir: str | os.PathLike, repo_id: str) -> Path:
+    """Upload a directory converted earlier (the CLI without --checkpoint)."""
+    output = Path(output_dir).absolute()
+    missing = [name for name in ("config.json", "model.safetensors", "README.md") if not (output / name).is_file()]
+    if missing:
+        raise ConversionError(
+            f"--output {output} is not a converted directory (no {', '.join(missing)}); give --checkpoint to convert"
+        )
+    check_hub_access(repo_id)
+    upload(output, repo_id, commit_message="Upload converted RWKV-CLIP checkpoint")
+    return output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert an original RWKV-CLIP checkpoint (deepglint/RWKV-CLIP) into a Hub-ready directory."
     )
-    parser.add_argument("--checkpoint", required=True, help="original torch.save state dict, e.g. model_31.pt")
+    parser.add_argument(
+        "--checkpoint",
+        help="original torch.save state dict, e.g. model_31.pt; without it, --push-to-hub uploads an --output "
+        "directory converted earlier",
+    )
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument(
         "--config", help="the authors' model_config JSON (e.g. RWKV_CLIP_B32.json); checked against the tensors"
@@ -973,7 +1135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--verify", action="store_true", help="compare with the original-key float64 reference")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the directory to this Hub model repository")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the directory to this Hub model repository (the id and your Hub login are checked before "
+        "converting)",
+    )
     parser.add_argument(
         "--training-data",
         nargs="+",
@@ -985,9 +1152,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Exit status: 0 success, 1 verification failed, 2 any other conversion error."""
+    """CLI entry point. Exit status: 0 success, 1 verification failed, 2 any other conversion error (bad input,
+    unwritable output), 3 an unexpected error (a bug)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.checkpoint is None:
+        if not args.push_to_hub:
+            print("error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)",
+                  file=sys.stderr)
+            return 2
+        try:
+            output = push_converted(args.output, args.push_to_hub)
+        except ConversionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"uploaded {output} -> {args.push_to_hub}")
+        return 0
     try:
         result = convert_checkpoint(
             args.checkpoint,
@@ -1005,6 +1185,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug of the converter: a short message, the traceback only at debug level
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"error: unexpected {type(error).__name__} while converting {args.checkpoint}: {error} (please report "
+            "this; nothing was written)",
+            file=sys.stderr,
+        )
+        return 3
     if result.verification is not None:
         print("\n".join(result.verification.lines()))
     print(f"converted {args.checkpoint} -> {result.output_dir}")

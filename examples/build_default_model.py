@@ -253,7 +253,7 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict
         if args.freeze_vision:
             towers = ("The text tower trains contrastively from scratch with `examples/train_contrastive.py` against "
                       "step 1's image tower, which stays fixed (`--vision_model_name_or_path` and "
-                      "`--freeze_vision_model`: locked-image tuning, as in LiT; the projections train)")
+                      "`--freeze_vision_model`: locked-image tuning, as in LiT; the temperature trains too)")
         else:
             towers = ("The whole model trains contrastively with `examples/train_contrastive.py`, the text tower from "
                       "scratch and the image tower from step 1 (`--vision_model_name_or_path`)")
@@ -285,11 +285,12 @@ are the same scene in other shapes."""
         "out with it."
     )
     if args.freeze_vision:
-        why_step_2 = ("Step 2 keeps that tower fixed: in the runs measured before (the project README, \"Colour "
-                      "variation\"), training the whole model contrastively lost much of step 1's shape knowledge.")
+        why_step_2 = ("Step 2 keeps that tower fixed: in the runs measured before (the project's "
+                      "docs/default-model-experiments.md), training the whole model contrastively lost much of step "
+                      "1's shape knowledge.")
     else:
-        why_step_2 = ("In the runs measured so far (the project README, \"Colour variation\"), step 2, which trains "
-                      "the whole model contrastively, loses part of step 1's shape knowledge: compare step 1's "
+        why_step_2 = ("In the runs measured so far (the project's docs/default-model-experiments.md), step 2, which "
+                      "trains the whole model contrastively, loses part of step 1's shape knowledge: compare step 1's "
                       "held-out figure above with \"held out shape\" in the table.")
     verdict = (
         "The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is "
@@ -384,7 +385,7 @@ def main():
                              "seen); the 6 shapes and 8 colours, half the images labelled by shape, half by colour; "
                              "or the same 14 classes, every image labelled with both (multi-label)")
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                        help="step 2 trains the text tower and the projections only; the image tower stays step 1's")
+                        help="step 2 trains the text tower and the temperature only; the image tower stays step 1's")
     parser.add_argument("--random-colors", type=float, default=1.0,
                         help="the same for step 2's images (the rest are drawn in the exact named colours)")
     parser.add_argument("--seed", type=int, default=0)

@@ -18,8 +18,9 @@ accuracy = rows whose every label is right):
     python examples/finetune_classification.py --output_dir runs/cifar --model_name_or_path path/to/rwkv-clip-b32 \
         --dataset_name uoft-cs/cifar10 --image_column img --label_column label --eval_split test
 
-Several processes: `torchrun --nproc_per_node 2 examples/finetune_classification.py ...` or
-`accelerate launch --num_processes 2 examples/finetune_classification.py ...`.
+Several processes (data-parallel; gloo on a machine without CUDA): `torchrun --nproc_per_node 2
+examples/finetune_classification.py ...` or `accelerate launch --multi_gpu --num_processes 2
+examples/finetune_classification.py ...`.
 Accuracy (`evaluate`'s accuracy metric) is reported on the evaluation split after every epoch.
 """
 
@@ -29,13 +30,23 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
 from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
+from rwkv_clip_hf.evaluation.data import load_eval_dataset
+from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
-from rwkv_clip_hf.training import ClassificationTransform, RWKVCLIPTrainer, classification_collator, compute_accuracy
+from rwkv_clip_hf.training import (
+    ClassificationTransform,
+    NonFiniteTrainingCallback,
+    NonFiniteTrainingError,
+    RWKVCLIPTrainer,
+    classification_collator,
+    compute_accuracy,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -67,7 +78,7 @@ class Arguments:
                   "(all 48 are classes, also the held-out ones that --exclude_held_out_pairs leaves out); or "
                   "shape_or_color: 14 classes, the 6 shapes and the 8 colours, every other image labelled by its "
                   "shape, the rest by its colour, so that one head learns both apart (held-back accuracy is then at "
-                  "most about 50 %: the model cannot know which of the two an image was labelled with); or "
+                  "most about one half: the model cannot know which of the two an image was labelled with); or "
                   "shape_and_color: the same 14 classes as multi-label classification, every image labelled with "
                   "both its shape and its colour.",
                   "choices": ["shape", "color", "pair", "shape_or_color", "shape_and_color"]},
@@ -88,6 +99,18 @@ def shapes_label(kind: str, index: int, color: str, shape: str) -> str | list[st
     if kind == "color" or (kind == "shape_or_color" and index % 2):
         return color
     return pair_name(color, shape) if kind == "pair" else shape
+
+
+def load_split(name: str, split: str, config_name: str | None, split_option: str):
+    """`(dataset, has_splits)`: one split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict,
+    data files, an image folder), as `rwkv-clip-eval` loads it; a message naming the option, not a traceback."""
+    try:
+        data = load_eval_dataset(
+            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
+        )
+    except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
+        raise SystemExit(f"error: {error}") from None
+    return data.dataset, data.source["split"] is not None
 
 
 def load_splits(args: Arguments, seed: int):
@@ -114,23 +137,35 @@ def load_splits(args: Arguments, seed: int):
         return split["train"], split["test"]
     if not args.dataset_name:
         raise SystemExit("give --dataset_name or --generate_shapes N")
-    if os.path.isdir(args.dataset_name) and os.path.exists(os.path.join(args.dataset_name, "dataset_dict.json")):
-        loaded = datasets.load_from_disk(args.dataset_name)
-    else:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    train = loaded[args.train_split]
+    train, has_splits = load_split(args.dataset_name, args.train_split, args.dataset_config_name, "--train_split")
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.eval_split:
-        return train, loaded[args.eval_split]
+        if not has_splits:
+            raise SystemExit(
+                f"error: --dataset_name {args.dataset_name} is a single dataset without splits: drop --eval_split "
+                "(--validation_fraction of it is then held out for evaluation)"
+            )
+        return train, load_split(args.dataset_name, args.eval_split, args.dataset_config_name, "--eval_split")[0]
     split = train.train_test_split(test_size=args.validation_fraction, seed=seed)
     return split["train"], split["test"]
 
 
-def main():
+def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((Arguments, TrainingArguments))
     parser.set_defaults(**DEFAULTS)
-    args, training_args = parser.parse_args_into_dataclasses()
+    if not torch.cuda.is_available():
+        # no pinned memory without an accelerator (torch warns about it on every dataloader)
+        parser.set_defaults(dataloader_pin_memory=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
+            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
+            parser.set_defaults(use_cpu=True)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main():
+    args, training_args = parse_arguments()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -165,6 +200,7 @@ def main():
         model.vision_model.requires_grad_(False)
     try:
         image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        check_processor_matches_model(image_processor, model)  # a warning when its crop is not the model's size
     except OSError:
         size = model.config.vision_config.image_size
         image_processor = RWKVCLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
@@ -179,8 +215,12 @@ def main():
         eval_dataset=evaluation,
         data_collator=classification_collator,
         compute_metrics=compute_accuracy,
+        callbacks=[NonFiniteTrainingCallback()],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteTrainingError as error:
+        raise SystemExit(f"error: {error}") from None
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # eval_results.json in --output_dir

@@ -26,10 +26,12 @@ the image tower then stays the classifier's):
     python examples/train_contrastive.py --output_dir runs/two-stage --generate_shapes 2000 --config_name tiny \
         --vision_model_name_or_path runs/cls --num_train_epochs 3 --per_device_train_batch_size 64
 
-Several processes (the contrastive loss is then over the global batch of all ranks):
+Several processes, data-parallel (the contrastive loss is then over the global batch of all ranks; rank 0 writes
+--output_dir). On a machine without CUDA the processes use gloo (`use_cpu` is set for them). `accelerate launch`
+starts several processes without an `accelerate config` only with --multi_gpu (also on CPUs):
 
     torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
-    accelerate launch --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
 
 Defaults follow the paper's recipe (AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, lr 1e-3, 10 %
 warmup then cosine, gradient clipping 1.0); every `TrainingArguments` flag can override them. The model and
@@ -49,8 +51,16 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.evaluation.data import load_eval_dataset
+from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
-from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform, RWKVCLIPTrainer
+from rwkv_clip_hf.training import (
+    ContrastiveCollator,
+    ContrastiveTransform,
+    NonFiniteTrainingCallback,
+    NonFiniteTrainingError,
+    RWKVCLIPTrainer,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -91,8 +101,8 @@ class ModelArguments:
     )
     freeze_vision_model: bool = field(
         default=False,
-        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower, the "
-                  "projections and the temperature train. Useful with --vision_model_name_or_path."},
+        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower and the "
+                  "temperature train (RWKV-CLIP has no projection layers). Useful with --vision_model_name_or_path."},
     )
 
 
@@ -186,6 +196,17 @@ def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
     return model
 
 
+def load_split(name: str, split: str, config_name: str | None, split_option: str):
+    """One split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict, data files, an image
+    folder), as `rwkv-clip-eval` loads it; a message naming the option instead of a traceback."""
+    try:
+        return load_eval_dataset(
+            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
+        ).dataset
+    except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
+        raise SystemExit(f"error: {error}") from None
+
+
 def load_data(data_args: DataArguments, image_size: int, seed: int):
     if data_args.generate_shapes:
         excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
@@ -194,12 +215,9 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
             scene_size=data_args.shapes_scene_size, random_colors=data_args.shapes_random_colors,
         )
     elif data_args.dataset_name:
-        if os.path.isdir(data_args.dataset_name) and os.path.exists(os.path.join(data_args.dataset_name, "dataset_info.json")):
-            dataset = datasets.load_from_disk(data_args.dataset_name)
-        else:
-            dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[data_args.train_split]
+        dataset = load_split(
+            data_args.dataset_name, data_args.train_split, data_args.dataset_config_name, "--train_split"
+        )
     else:
         raise SystemExit("give --dataset_name or --generate_shapes N")
     wanted = [data_args.image_column, *data_args.caption_columns] + ([data_args.group_by_column] if data_args.group_by_column else [])
@@ -214,10 +232,21 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
     return dataset, None
 
 
-def main():
+def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    if not torch.cuda.is_available():
+        # no pinned memory without an accelerator (torch warns about it on every dataloader)
+        parser.set_defaults(dataloader_pin_memory=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
+            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
+            parser.set_defaults(use_cpu=True)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main():
+    model_args, data_args, training_args = parse_arguments()
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity_warning()
@@ -229,11 +258,14 @@ def main():
     image_size = model.config.vision_config.image_size
     if model_args.model_name_or_path:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        check_processor_matches_model(processor, model)  # a warning when its sizes are not the model's
     else:
-        processor = RWKVCLIPProcessor.from_bundled(
-            image_size=image_size, context_length=model.config.text_config.max_position_embeddings
-        )
+        processor = RWKVCLIPProcessor.from_bundled(config=model.config)
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    if training_args.world_size > 1 and training_args.process_index == 0:
+        logger.info("%d processes (%s), global batch %d", training_args.world_size, training_args.device.type,
+                    training_args.world_size * training_args.per_device_train_batch_size
+                    * training_args.gradient_accumulation_steps)
 
     train, validation = load_data(data_args, image_size, training_args.seed)
     transform = ContrastiveTransform(
@@ -255,12 +287,17 @@ def main():
         data_collator=ContrastiveCollator(processor.tokenizer),
         group_by_column=data_args.group_by_column,
         contrastive_micro_batches=data_args.contrastive_micro_batches,
+        callbacks=[NonFiniteTrainingCallback()],
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteTrainingError as error:
+        raise SystemExit(f"error: {error}") from None
     trainer.log_metrics("train", result.metrics)
     if validation is not None:
         trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: steps, global batch, log history
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
         logger.info("saved model and processor to %s (logit scale %.3f)", training_args.output_dir,

@@ -4,11 +4,14 @@ The synthetic checkpoints are built here from the layout of the released files (
 listing tests/data/original_checkpoint_keys_b32.txt), not from the converter's own layout table.
 """
 
+import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +285,7 @@ def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_pa
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "image embeddings max relative difference" in run.stdout
+    assert (run.stdout + run.stderr).count("image embeddings max relative difference") == 1  # not logged and printed
     assert "loading" in run.stderr and "verify" in run.stderr  # progress
     config = json.loads((output / "config.json").read_text())
     assert config["text_config"]["group_norm_eps"] == pytest.approx(1e-5 * 4**2)
@@ -499,26 +503,151 @@ def test_interrupted_write_leaves_no_output(tmp_path, tiny_checkpoint, monkeypat
 
     # an existing output being replaced survives a failed replacement untouched
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    (tmp_path / "out" / "config.json").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt", "out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]
+    assert (tmp_path / "out" / "config.json").read_text() == "old"
 
 
 def test_non_empty_output_needs_overwrite(tmp_path, tiny_checkpoint):
     checkpoint, _ = tiny_checkpoint
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    first = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(conv.ConversionError, match=r"out exists and is not empty; pass --overwrite"):
         conv.convert_checkpoint(checkpoint, tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
-    conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    conv.convert_checkpoint(checkpoint, tmp_path / "out", overwrite=True)  # a previous conversion is replaced
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns != first
     (tmp_path / "empty").mkdir()  # an empty directory is simply filled
     conv.convert_checkpoint(checkpoint, tmp_path / "empty")
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_overwrite_never_deletes_the_input_or_files_it_did_not_write(tmp_path, capsys):
+    """--overwrite on the checkpoint's own folder (or one above it, or one holding other files) is refused up
+    front: nothing is deleted, nothing is written."""
+    source = tmp_path / "D"
+    source.mkdir()
+    checkpoint = source / "model_31.pt"
+    torch.save(synthetic_original(TINY_B32), checkpoint)
+    (source / "notes.txt").write_text("mine")
+    config = tmp_path / "cfg" / "RWKV_CLIP.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(original_config_json(TINY_B32)))
+    before = _tree(tmp_path)
+    for output, inputs in ((source, []), (tmp_path, []), (source / "sub" / "..", []), (config.parent, ["--config", str(config)])):
+        argv = ["--checkpoint", str(checkpoint), "--output", str(output), "--overwrite", *inputs]
+        assert conv.main(argv) == 2, output
+        err = capsys.readouterr().err
+        assert "contains the input" in err and ("model_31.pt" in err or "RWKV_CLIP.json" in err), err
+        assert _tree(tmp_path) == before
+    # a previous conversion's folder that has gained a file of the user's: refused, the file kept
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    (tmp_path / "out" / "results.csv").write_text("mine")
+    before = _tree(tmp_path)
+    assert conv.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "did not write: results.csv" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    def edit(state):
+        state["module.text_model.blocks.1.att.key.weight"][3, 4] = bad
+
+    checkpoint = _edited_checkpoint(tmp_path / "model.pt", edit)
+    with pytest.raises(conv.ConversionError, match=r"non-finite values.*text_model\.blocks\.1\.att\.key\.weight \(1 of"):
+        conv.convert_checkpoint(checkpoint, tmp_path / "out", verify=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("ctx_len", -5, "must be a positive integer"), ("ctx_len", None, "must be a positive integer"),
+     ("ctx_len", 3.7, "must be a positive integer"), ("ctx_len", "77", "must be a positive integer"),
+     ("head_size_divisor", True, "must be a positive integer"), ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
+     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"), ("n_layer", None, "n_layer=None but the tensors give 2")],
+)  # fmt: skip
+def test_invalid_original_config_values_are_named(tmp_path, tiny_checkpoint, capsys, field, value, message):
+    checkpoint, _ = tiny_checkpoint
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(original_config_json(TINY_B32, **{field: value})))
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--config", str(config)]
+    assert conv.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{field}={value!r}" in err and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_a_conversion_error(tmp_path, capsys):
+    torch.save(synthetic_original({**TINY_B32, "mix_rank": 0}), tmp_path / "model.pt")
+    assert conv.main(["--checkpoint", str(tmp_path / "model.pt"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's architecture is not supported: ValueError: RWKVCLIPTextConfig: mix_lora_rank" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_and_full_disk_are_conversion_errors(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(conv.tempfile, "mkdtemp", read_only)
+        assert conv.main(argv) == 2
+    assert f"cannot write the output {tmp_path / 'out'}: Permission denied ({tmp_path})" in capsys.readouterr().err
+
+    def disk_full(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RWKVCLIPModel, "save_pretrained", disk_full)
+        assert conv.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output" in err and "No space left on device; nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt"]  # no staging folder left either
+
+
+def test_unexpected_errors_exit_3_without_a_traceback(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+
+    def broken(*args, **kwargs):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(conv, "model_card", broken)
+    assert conv.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "error: unexpected KeyError" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_31.pt"]
+
+
+def test_stale_partial_folders_of_killed_runs_are_removed(tmp_path, tiny_checkpoint):
+    checkpoint, _ = tiny_checkpoint
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partials = {
+        "dead": tmp_path / f".out.partial-{int(dead.stdout)}-abc123",
+        "live": tmp_path / f".out.partial-{os.getpid()}-def456",
+        "legacy-old": tmp_path / ".out.partial-k2j4h5g6",
+        "legacy-new": tmp_path / ".out.partial-a1b2c3d4",
+        "other-output": tmp_path / f".other.partial-{int(dead.stdout)}-abc123",
+    }
+    for path in partials.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 100)
+    old = time.time() - 2 * conv.STALE_LEGACY_SECONDS
+    os.utime(partials["legacy-old"], (old, old))
+    conv.convert_checkpoint(checkpoint, tmp_path / "out")
+    left = {name for name, path in partials.items() if path.exists()}
+    assert left == {"live", "legacy-new", "other-output"}
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------- verify can fail
@@ -548,6 +677,10 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, tiny_checkpoint, m
     calls = []
 
     class FakeApi:
+        def whoami(self):
+            calls.append(("whoami",))
+            return {"name": "me"}
+
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create_repo", repo_id, kwargs))
 
@@ -557,6 +690,47 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, tiny_checkpoint, m
 
     monkeypatch.setattr(conv, "HfApi", FakeApi)
     result = conv.convert_checkpoint(checkpoint, tmp_path / "out", push_to_hub="me/RWKV-CLIP-B32-LAION10M")
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
-    assert calls[1][1:] == ("me/RWKV-CLIP-B32-LAION10M", result.output_dir)
+    assert [c[0] for c in calls] == ["whoami", "create_repo", "upload_folder"]
+    assert calls[2][1:] == ("me/RWKV-CLIP-B32-LAION10M", result.output_dir)
     assert "datasets:\n- LAION10M" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_push_to_hub_checks_access_first_and_can_push_a_converted_folder(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    checkpoint, _ = tiny_checkpoint
+    uploads, state = [], {"token": False, "upload_fails": True}
+
+    class FakeApi:
+        def whoami(self):
+            if not state["token"]:
+                raise OSError("Token is required (`token=True`), but no token found.")
+            return {"name": "me"}
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            if state["upload_fails"]:
+                raise ConnectionError("connection reset by peer")
+            uploads.append((kwargs["repo_id"], Path(kwargs["folder_path"])))
+
+    monkeypatch.setattr(conv, "HfApi", FakeApi)
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+    # invalid ids and a missing login are refused before converting: nothing written
+    for repo, message in (("not a/valid id", "is not a valid repository id"), ("just-a-name", "NAMESPACE/NAME"),
+                          ("me/model", "cannot use the Hub .*no token found.*hf auth login")):
+        assert conv.main([*argv, "--push-to-hub", repo]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+    # an upload failure after the conversion: exit 2, the folder kept, the command to upload it alone given
+    state["token"] = True
+    assert conv.main([*argv, "--push-to-hub", "me/model"]) == 2
+    err = capsys.readouterr().err
+    retry = f"--output {(tmp_path / 'out').absolute()} --push-to-hub me/model"
+    assert "upload of" in err and "connection reset by peer" in err and retry in err, err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not uploads
+    state["upload_fails"] = False
+    assert conv.main(retry.split()) == 0
+    assert uploads == [("me/model", (tmp_path / "out").absolute())]
+    assert conv.main(["--output", str(tmp_path), "--push-to-hub", "me/model"]) == 2  # not a converted folder
+    assert "is not a converted directory (no config.json" in capsys.readouterr().err

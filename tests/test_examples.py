@@ -4,6 +4,7 @@ labels by examples/finetune_classification.py, then copied into a fresh RWKV-CLI
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,103 @@ def test_classification_example_refuses_labels_that_are_not_class_indices(tmp_pa
     assert "label column 'label' must be a ClassLabel" in result.stderr, result.stderr[-2000:]
     assert str(sorted({c for row in labels for c in (row if isinstance(row, list) else [row])})) in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_prints_its_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        load_example(script).main()
+    assert exit_info.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train_contrastive", "finetune_classification"])
+def test_no_pinned_memory_without_cuda(script, monkeypatch):
+    """DataLoader warns on every epoch when asked to pin memory without an accelerator."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    *_, training_args = load_example(script).parse_arguments(["--output_dir", "unused", "--model_name_or_path", "x"])
+    assert training_args.dataloader_pin_memory is False
+    *_, training_args = load_example(script).parse_arguments(
+        ["--output_dir", "unused", "--model_name_or_path", "x", "--dataloader_pin_memory", "True"]
+    )
+    assert training_args.dataloader_pin_memory is True  # an explicit flag wins
+
+
+@pytest.mark.parametrize("script", ["train_contrastive", "finetune_classification"])
+def test_diverging_training_exits_non_zero_without_saving(tmp_path, script):
+    """--learning_rate 1e6 makes the loss NaN within a few steps: a clear error and exit 1, no weights written."""
+    config = short_context_config()
+    RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
+    RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
+    command = [sys.executable, str(ROOT / "examples" / f"{script}.py"), "--output_dir", str(tmp_path / "out"),
+               "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--num_train_epochs", "4",
+               "--per_device_train_batch_size", "16", "--learning_rate", "1e6", "--warmup_steps", "0",
+               "--save_strategy", "no", "--eval_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
+               "--use_cpu", "True", "--validation_fraction", "0.25"]
+    if script == "finetune_classification":
+        command += ["--load_best_model_at_end", "False"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "error: training diverged at optimizer step" in result.stderr, result.stderr[-3000:]
+    assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "eval_results.json").exists()
+
+
+def test_torchrun_two_cpu_processes_train_data_parallel_with_one_writer(tmp_path):
+    """README's `torchrun --nproc_per_node 2 examples/train_contrastive.py ...` on a CPU-only machine (as CI is):
+    two gloo ranks splitting the data (half the optimizer steps of one process: global batch 2 x 8), one output."""
+    config = short_context_config()
+    overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "ddp"),
+               "--generate_shapes", "32", "--config_name", "tiny", "--config_overrides", json.dumps(overrides),
+               "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--validation_fraction", "0",
+               "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "2 processes (cpu), global batch 16" in output, output[-3000:]
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 32 rows / (2 ranks x 8); one process alone would take 4 steps
+    assert output.count("saved model and processor to") == 1  # rank 0 writes, rank 1 does not
+    RWKVCLIPModel.from_pretrained(tmp_path / "ddp")
+    AutoProcessor.from_pretrained(tmp_path / "ddp")
+
+
+@pytest.mark.parametrize("layout", ["Dataset", "DatasetDict"])
+def test_both_training_examples_read_both_saved_layouts(tmp_path, contrastive, layout):
+    """A `save_to_disk` Dataset or DatasetDict works in both scripts (the loader of rwkv-clip-eval); a missing
+    split or path is an error naming the option, not a traceback."""
+    classification = load_example("finetune_classification")
+    images = [Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue", "white")]
+    rows = datasets.Dataset.from_dict({"image": images, "caption": ["r", "g", "b", "w"], "label": [0, 1, 2, 0]})
+    data = datasets.DatasetDict({"train": rows, "test": rows.select(range(2))}) if layout == "DatasetDict" else rows
+    data.save_to_disk(str(tmp_path / "data"))
+
+    train, _ = contrastive.load_data(
+        contrastive.DataArguments(dataset_name=str(tmp_path / "data"), validation_fraction=0), 32, seed=0
+    )
+    assert train["caption"] == ["r", "g", "b", "w"]
+    arguments = classification.Arguments(model_name_or_path="unused", dataset_name=str(tmp_path / "data"),
+                                         validation_fraction=0.25)
+    train, evaluation = classification.load_splits(arguments, seed=0)
+    assert len(train) + len(evaluation) == 4
+    arguments.eval_split = "test"
+    if layout == "DatasetDict":
+        train, evaluation = classification.load_splits(arguments, seed=0)
+        assert (len(train), len(evaluation)) == (4, 2)
+        arguments.train_split = "training"
+        with pytest.raises(SystemExit, match=r"has no split 'training'; available splits: \['train', 'test'\] \(choose with --train_split\)"):
+            classification.load_splits(arguments, seed=0)
+        with pytest.raises(SystemExit, match=r"no split 'training'; .*\(choose with --train_split\)"):
+            contrastive.load_data(contrastive.DataArguments(dataset_name=str(tmp_path / "data"), train_split="training"),
+                                  32, seed=0)
+    else:
+        with pytest.raises(SystemExit, match="a single dataset without splits: drop --eval_split"):
+            classification.load_splits(arguments, seed=0)
+    with pytest.raises(SystemExit, match=r"--dataset_name .*missing: no such file or directory"):
+        contrastive.load_data(contrastive.DataArguments(dataset_name=str(tmp_path / "missing")), 32, seed=0)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])

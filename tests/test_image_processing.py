@@ -152,6 +152,30 @@ def test_clear_errors_for_non_images(processor, bad, message):
         processor(bad)
 
 
+def _with_nan(array):
+    array = array.copy()
+    array.flat[17] = np.nan
+    return array
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (_with_nan(np.full((3, 8, 8), 0.5, dtype=np.float32)), r"float images must not hold NaN, got 1 NaN"),
+        (torch.from_numpy(_with_nan(np.full((8, 8, 3), 0.5, dtype=np.float64))), r"must not hold NaN"),
+        (np.full((3, 8, 8), np.inf, dtype=np.float32), r"\[0, 1\], got range \[inf, inf\]"),
+        (Image.fromarray(_with_nan(np.full((8, 8), 0.5, dtype=np.float32)), "F"), r'PIL "F" \(float\) images must not hold NaN'),
+        (Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32), "F"), r'PIL "F" \(float\) images must hold values in \[0, 1\], got range \[3.0, 3.0\]'),
+        (Image.new("RGB", (0, 0)), r"empty image \(0x0 PIL image\)"),
+        (Image.new("L", (5, 0)), r"empty image \(5x0 PIL image\)"),
+    ],
+    ids=["nan-array", "nan-tensor", "inf-array", "nan-pil-f", "range-pil-f", "empty-rgb", "empty-l"],
+)
+def test_nan_out_of_range_and_empty_images_are_refused(processor, bad, message):
+    with pytest.raises(ValueError, match=message):
+        processor(bad)
+
+
 def test_transformers_clip_processor_differs(processor):
     """Why we do not use transformers' CLIPImageProcessor as is: measured differences from the original."""
     hf = CLIPImageProcessorPil()

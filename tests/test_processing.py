@@ -145,3 +145,34 @@ def test_pipeline_clear_errors(saved_model):
     with pytest.raises((TypeError, ValueError, OSError)):
         classifier(np.zeros(3), candidate_labels=["a"])
 
+
+
+def test_processor_for_the_bundled_model_matches_the_saved_one(caplog):
+    """README's way to a processor for a model: from_bundled(config=model.config) prepares exactly what the
+    processor saved with the bundled default model does; plain from_bundled() (224 px) is flagged as a mismatch."""
+    import rwkv_clip_hf
+    from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
+
+    path = rwkv_clip_hf.default_model_path()
+    model, saved = AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    built = RWKVCLIPProcessor.from_bundled(config=model.config)
+    images = [random_image(90, 71, "RGB", seed=i) for i in range(2)]
+    texts = ["a red circle", "a blue square in a long caption " * 4]
+    expected = saved(text=texts, images=images, padding=True, return_tensors="pt")
+    got = built(text=texts, images=images, padding=True, return_tensors="pt")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert check_processor_matches_model(saved, model) == []
+    assert check_processor_matches_model(built, model.config) == []
+
+    caplog.clear()
+    problems = check_processor_matches_model(RWKVCLIPProcessor.from_bundled(), model)
+    size = model.config.vision_config.image_size
+    context = model.config.text_config.max_position_embeddings
+    assert f"crops 224x224 images but the model was built for {size}x{size}" in problems[0]
+    assert problems[1:] == [f"the tokenizer keeps 77 tokens but the text tower's context is {context}"]
+    assert any("crops 224x224" in record.getMessage() for record in caplog.records)
+    # an explicit size that contradicts the config is used as given, with a warning
+    caplog.clear()
+    assert RWKVCLIPProcessor.from_bundled(image_size=96, config=model.config).image_processor.crop_size["height"] == 96
+    assert any(f"image_size=96 differs from the config's {size}" in r.getMessage() for r in caplog.records)

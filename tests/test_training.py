@@ -23,6 +23,8 @@ from rwkv_clip_hf.training import (
     ContrastiveTransform,
     GroupedRandomSampler,
     LogitScaleClampCallback,
+    NonFiniteTrainingCallback,
+    NonFiniteTrainingError,
     RWKVCLIPTrainer,
     classification_collator,
     compute_accuracy,
@@ -69,6 +71,55 @@ def test_contrastive_loss_falls_under_trainer(tmp_path, processor, shapes):
     assert first > 0.9 * math.log(16)  # starts near chance: ln(batch)
     assert last < 0.7 * first, (first, last)
     assert 0.0 <= model.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def _diverging_run(tmp_path, processor, shapes, callbacks):
+    torch.manual_seed(0)
+    model = RWKVCLIPModel(real_vocab_config())
+    dataset = shapes.select(range(32)).with_transform(ContrastiveTransform(processor, "image", ["caption"], seed=0))
+    args = paper_training_arguments(
+        str(tmp_path), per_device_train_batch_size=16, max_steps=4, learning_rate=1e6, warmup_steps=0,
+        logging_steps=1, save_strategy="steps", save_steps=1, disable_tqdm=True, seed=0, use_cpu=True,
+    )  # fmt: skip
+    trainer = RWKVCLIPTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer),
+        callbacks=callbacks,
+    )  # fmt: skip
+    return model, trainer
+
+
+def _saved_weights_are_finite(checkpoint) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_diverging_training_stops_before_saving_non_finite_weights(tmp_path, processor, shapes):
+    # without the callback, Trainer trains on and saves NaN weights as if nothing happened
+    model, trainer = _diverging_run(tmp_path / "plain", processor, shapes, callbacks=None)
+    trainer.train()
+    assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert not all(_saved_weights_are_finite(c) for c in (tmp_path / "plain").glob("checkpoint-*"))
+
+    model, trainer = _diverging_run(tmp_path / "guarded", processor, shapes, callbacks=[NonFiniteTrainingCallback()])
+    with pytest.raises(NonFiniteTrainingError, match=r"training diverged at optimizer step \d+ .*NaN or infinite"):
+        trainer.train()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # stopped before the bad step
+    checkpoints = list((tmp_path / "guarded").glob("checkpoint-*"))
+    assert all(_saved_weights_are_finite(c) for c in checkpoints)
+    assert trainer.state.global_step < 4
+
+
+def test_non_finite_weights_are_named():
+    model = RWKVCLIPModel(real_vocab_config())
+    with torch.no_grad():
+        model.text_model.final_layer_norm.weight[0] = float("inf")
+
+    class State:
+        global_step, epoch = 5, 1.25
+
+    with pytest.raises(NonFiniteTrainingError, match=r"step 5 \(epoch 1.25\): the weights .*text_model\.final_layer_norm"):
+        NonFiniteTrainingCallback().on_step_end(None, State(), None, model=model)
 
 
 def test_trainer_weight_decay_groups(tmp_path):

@@ -59,10 +59,14 @@ class RWKVCLIPImageProcessor(CLIPImageProcessorPil):
         """Turn one input into a PIL image in its own mode, or a list of float ("F") channel images."""
         if isinstance(image, PIL.Image.Image):
             image.load()
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f"RWKVCLIPImageProcessor: empty image ({image.width}x{image.height} PIL image)")
             if image.mode in _SIXTEEN_BIT_MODES:
                 return _float_channels(np.asarray(image, dtype=np.float32)[None] / 257.0)
             if image.mode == "F":
-                return _float_channels(np.asarray(image, dtype=np.float32)[None] * 255.0)
+                array = np.asarray(image, dtype=np.float32)
+                _check_unit_range(array, 'PIL "F" (float) images')
+                return _float_channels(array[None] * 255.0)
             return image
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu()
@@ -161,16 +165,24 @@ def _array_to_pil(array: np.ndarray, input_data_format=None):
     if array.dtype == np.uint16:
         return _float_channels(array.astype(np.float32) / 257.0)
     if np.issubdtype(array.dtype, np.floating):
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"RWKVCLIPImageProcessor: float images must hold values in [0, 1], got range [{low}, {high}]; "
-                "pass uint8 pixels or divide by 255"
-            )
+        _check_unit_range(array, "float images")
         return _float_channels(array.astype(np.float32) * 255.0)
     raise ValueError(
         f"RWKVCLIPImageProcessor: unsupported array dtype {array.dtype} (use uint8, uint16 or float in [0, 1])"
     )
+
+
+def _check_unit_range(array: np.ndarray, what: str) -> None:
+    """Float pixels must be finite and in [0, 1]: NaN would pass a min/max test and poison the embedding."""
+    nan = int(np.isnan(array).sum())
+    if nan:
+        raise ValueError(f"RWKVCLIPImageProcessor: {what} must not hold NaN, got {nan} NaN value(s) of {array.size}")
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"RWKVCLIPImageProcessor: {what} must hold values in [0, 1], got range [{low}, {high}]; "
+            "pass uint8 pixels or divide by 255"
+        )
 
 
 def _resize_shortest_edge(image: PIL.Image.Image, size, resample) -> PIL.Image.Image:

@@ -13,6 +13,8 @@
   and applies weight decay as CLIP training does (not to biases, norm gains or the temperature); with
   `contrastive_micro_batches`, it accumulates as `contrastive_accumulation_step` does; with `group_by_column`,
   rows that share that column's value are batched together (`GroupedRandomSampler`), e.g. hard negatives.
+* `NonFiniteTrainingCallback`: stops a diverging run (NaN / infinite gradients or weights) with
+  `NonFiniteTrainingError` before its weights are saved; `RWKVCLIPTrainer` adds it by default.
 * `paper_training_arguments`: `TrainingArguments` with the paper's recipe as defaults.
 * `accuracy_metric` / `compute_accuracy`: an `evaluate` accuracy for `compute_metrics`.
 
@@ -413,6 +415,61 @@ def contrastive_accumulation_step(
             backward(surrogate / loss_divisor)
     _restore_rng(after, device)
     return loss.detach()
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: the gradients or the weights hold NaN or infinite values (`NonFiniteTrainingCallback`)."""
+
+
+class NonFiniteTrainingCallback(TrainerCallback):
+    """Stops a diverging run: raises `NonFiniteTrainingError` out of `Trainer.train()` as soon as the gradients of
+    an optimizer step (checked before the step, so the weights stay those of the last good step) or the weights
+    after it hold NaN or infinite values.
+
+    `Trainer` itself replaces a NaN loss by the running mean in its logs (`logging_nan_inf_filter`) and goes on
+    training and saving, so without this a diverged run ends "successfully" with NaN weights. Raising stops it
+    before the checkpoint of that step is written; the script around `train()` then does not reach its
+    `save_model()`. With `fp16` (a loss scaler, which skips steps with infinite gradients by design) only the
+    weights are checked. One norm over the gradients and one over the weights per optimizer step.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None or args.fp16:
+            return
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        if gradients and not _all_finite(gradients):
+            names = _non_finite_names(model, grads=True)
+            raise NonFiniteTrainingError(_divergence_message(state.global_step + 1, state, "gradients", names))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        if not _all_finite([p.detach() for p in model.parameters()]):
+            names = _non_finite_names(model, grads=False)
+            raise NonFiniteTrainingError(_divergence_message(state.global_step, state, "weights", names))
+
+
+def _divergence_message(step: int, state, what: str, names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"training diverged at optimizer step {step} (epoch {state.epoch or 0:.2f}): the {what} hold NaN or "
+        f"infinite values ({shown}). Stopped without saving this step's weights. Lower the learning rate, keep "
+        "gradient clipping on (max_grad_norm) or use more warmup."
+    )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    # one reduction (and one host sync) over all tensors; a NaN or inf anywhere makes the sum of norms non-finite
+    norms = torch.stack([torch.linalg.vector_norm(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+                         for t in tensors])
+    return bool(torch.isfinite(norms.sum()))
+
+
+def _non_finite_names(model: torch.nn.Module, grads: bool) -> list[str]:
+    names = []
+    for name, parameter in model.named_parameters():
+        tensor = parameter.grad if grads else parameter
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            names.append(name)
+    return names
 
 
 class GroupedRandomSampler(torch.utils.data.Sampler[int]):
@@ -457,7 +514,8 @@ class RWKVCLIPTrainer(Trainer):
     and are decayed).
 
     Batches marked `return_loss=True` (`ContrastiveCollator`) of a model with a `logit_scale` get the contrastive
-    loss; other batches (e.g. classification) get `Trainer`'s.
+    loss; other batches (e.g. classification) get `Trainer`'s. A `NonFiniteTrainingCallback` stops a diverging
+    run before NaN weights are saved.
 
     Args:
         contrastive_loss: the loss of contrastive batches (default `ContrastiveLoss()`: global x global logits,
@@ -497,6 +555,8 @@ class RWKVCLIPTrainer(Trainer):
         model = self.model
         if hasattr(model, "logit_scale") and not any(isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(LogitScaleClampCallback())
+        if not any(isinstance(cb, NonFiniteTrainingCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(NonFiniteTrainingCallback())
 
     def _is_contrastive(self, model: torch.nn.Module, inputs: dict) -> bool:
         return bool(inputs.get("return_loss")) and hasattr(self.accelerator.unwrap_model(model), "logit_scale")
@@ -635,6 +695,8 @@ __all__ = [
     "ContrastiveTransform",
     "GroupedRandomSampler",
     "LogitScaleClampCallback",
+    "NonFiniteTrainingCallback",
+    "NonFiniteTrainingError",
     "RWKVCLIPTrainer",
     "accuracy_metric",
     "classification_collator",

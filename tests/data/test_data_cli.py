@@ -128,3 +128,31 @@ def test_cli_error_messages(saved, tmp_path, caplog):
 def test_console_script_is_declared():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["rwkv-clip-data"] == "rwkv_clip_hf.data.cli:main"
+
+
+def test_models_that_cannot_load_leave_no_run_behind(saved, tmp_path, caplog):
+    """A missing model or a bad --device: one error line (logged as rwkv_clip_hf.data), the output not claimed,
+    so the corrected command runs without --overwrite."""
+    output = tmp_path / "out"
+    base = ["--dataset", saved["data"], "--text-column", "alt_text", "--output", str(output), "--shard-size", "3"]
+    missing = str(tmp_path / "models" / "no-such-captioner")
+    assert error_of(base + ["--captioner", missing], caplog) == f"--captioner {missing}: no such directory"
+    assert caplog.records[-1].name == "rwkv_clip_hf.data"
+    message = error_of(base + ["--captioner", saved["captioner"], "--device", "tpu9"], caplog)
+    assert message.startswith("--device 'tpu9' is not a device")
+    assert not output.exists()
+    assert main(base + ["--tagger", saved["classifier"]]) == 0  # the rerun needs no --overwrite
+    assert (output / "dataset").is_dir()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(saved, tmp_path, caplog):
+    from filelock import FileLock
+
+    output = tmp_path / "out"
+    argv = ["--dataset", saved["data"], "--output", str(output), "--tagger", saved["classifier"], "--no-raw-text",
+            "--resume"]  # fmt: skip
+    with FileLock(str(tmp_path / ".out.lock")):  # what a running rwkv-clip-data holds
+        message = error_of(argv, caplog)
+    assert "is in use by another rwkv-clip-data run" in message
+    assert not output.exists()
+    assert main(argv) == 0  # released: the same command runs

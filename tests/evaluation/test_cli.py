@@ -302,3 +302,75 @@ def test_markdown_tables():
         "text_to_image": {"R@1": 0.0, "R@5": 1.0},
     }
     assert "| m | d | 50.00 | 100.00 | 0.00 | 100.00 | 350.00 | 2 | 4 |" in results_markdown(retrieval)
+
+
+def _error_of(argv, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert records and records[-1].name == "rwkv_clip_hf.evaluation"
+    return records[-1].getMessage()
+
+
+def test_bad_paths_devices_and_models_are_one_line_errors(rwkv_dir, data_dir, tmp_path, caplog, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    argv = common(rwkv_dir, data_dir, tmp_path)
+    for option, value, message in (
+        ("--output-dir", tmp_path / "a-file", "is a file, not a directory"),
+        ("--output-dir", tmp_path / "a-file" / "sub", "is inside"),
+        ("--cache-dir", tmp_path / "a-file", "is a file, not a directory"),
+        ("--device", "gpu7", "'gpu7' is not a device"),
+    ):
+        changed = list(argv)
+        changed[changed.index(option) + 1] = str(value)
+        assert message in _error_of(["zero-shot", *changed], caplog), option
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    changed = list(argv)
+    changed[changed.index("--device") + 1] = "cuda"
+    assert "--device cuda: CUDA is not available" in _error_of(["zero-shot", *changed], caplog)
+    changed = list(argv)
+    changed[changed.index("--model") + 1] = str(tmp_path / "no" / "such-model")
+    assert _error_of(["zero-shot", *changed], caplog) == f"--model {tmp_path / 'no' / 'such-model'}: no such directory"
+    assert not (tmp_path / "out").exists()
+
+
+def id_png(seed: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_broken_image_is_named_by_its_row(rwkv_dir, tmp_path, caplog):
+    images = [{"bytes": id_png(i), "path": None} for i in range(4)]
+    images[2] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
+    Dataset.from_dict(
+        {"image": images, "label": [0, 1, 2, 0]}, features=Features({"image": ImageFeature(), "label": ClassLabel(names=CLASSNAMES)})
+    ).save_to_disk(str(tmp_path / "broken"))
+    message = _error_of(["zero-shot", *common(rwkv_dir, str(tmp_path / "broken"), tmp_path), "--classnames", *CLASSNAMES,
+                         "--templates", *TEMPLATES], caplog)
+    assert message.startswith("--image-column 'image': row 2 of ") and "is not a readable image" in message, message
+
+
+def test_a_truncated_cache_file_is_encoded_again(rwkv_dir, data_dir, tmp_path, caplog):
+    argv = ["zero-shot", *common(rwkv_dir, data_dir, tmp_path)]
+    first = run(argv)
+    for path in (tmp_path / "cache").glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:50])
+    with caplog.at_level(logging.WARNING):
+        second = run(argv)
+    assert "are unreadable" in caplog.text and "encoding again" in caplog.text
+    assert second["accuracy"] == first["accuracy"]
+
+
+def test_progress_bars_only_for_more_than_one_batch(rwkv_dir, capsys):
+    from rwkv_clip_hf.evaluation.features import encode_texts
+
+    model, processor = AutoModel.from_pretrained(rwkv_dir), AutoProcessor.from_pretrained(rwkv_dir)
+    capsys.readouterr()
+    encode_texts(model, processor, ["a cat", "a dog"], batch_size=4)
+    assert "encoding" not in capsys.readouterr().err
+    encode_texts(model, processor, ["a cat", "a dog"], batch_size=1)
+    assert "encoding texts" in capsys.readouterr().err

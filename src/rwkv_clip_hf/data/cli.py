@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..evaluation.features import DTYPES
 
@@ -184,17 +185,74 @@ def build_pipeline(args):
     )
 
 
+def _load_models(pipeline, args) -> None:
+    """Load every model now, before the output directory is claimed: a model that cannot be loaded (a wrong
+    name, a bad --device) is then a one-line error and leaves no run behind that would need --overwrite."""
+    from ..evaluation.cli import model_load_error
+
+    for option, stage in (("--captioner", pipeline.captioner), ("--tagger", pipeline.tagger),
+                          ("--merger", pipeline.merger)):  # fmt: skip
+        if stage is None:
+            continue
+        try:
+            stage.load()
+        except ValueError as error:
+            if str(error).startswith("--"):  # already names the option
+                raise
+            raise model_load_error(option, stage.source or type(stage.model).__name__, error) from None
+        except (OSError, RuntimeError) as error:  # missing files, unknown Hub repository, offline, device errors
+            raise model_load_error(option, stage.source or type(stage.model).__name__, error) from None
+
+
+def _lock(output: str):
+    """An exclusive lock on --output for this run (a hidden `.NAME.lock` beside it): a second run on the same
+    output is refused at once instead of failing half-way on the first one's files."""
+    from filelock import FileLock, Timeout
+
+    path = Path(output).expanduser().absolute()
+    from ..evaluation.cli import check_directory_option
+
+    check_directory_option("--output", path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.parent / f".{path.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(
+            f"--output {output} is in use by another rwkv-clip-data run (lock {lock.lock_file}); wait for it to "
+            "finish, or give another --output"
+        ) from None
+    return lock
+
+
+def _is_complete(output: str) -> bool:
+    from .pipeline import FINAL
+
+    return (Path(output).expanduser() / FINAL).is_dir()
+
+
 def run(argv: list[str] | None = None):
     """Parse `argv` and run the pipeline. Returns the final `datasets.Dataset`."""
+    from ..evaluation.cli import check_device
     from ..evaluation.data import load_eval_dataset
 
     args = build_parser().parse_args(argv)
     _check_arguments(args)
+    check_device(args.device)
     pipeline = build_pipeline(args)
     data = load_eval_dataset(args.dataset, args.split, config_name=args.dataset_config).dataset
     if args.max_samples is not None and args.max_samples < len(data):
         data = data.select(range(args.max_samples))
-    result = pipeline.run(data, args.output, resume=args.resume, overwrite=args.overwrite)
+    lock = _lock(args.output)
+    try:
+        if not _is_complete(args.output) or args.overwrite:
+            pipeline.validate(data)  # the cheap checks first: a wrong column before minutes of model loading
+            for stage in pipeline.stages:
+                stage.precheck()
+            _load_models(pipeline, args)
+        result = pipeline.run(data, args.output, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        lock.release()
     final = f"{args.output.rstrip('/')}/dataset"
     print(f"{len(result)} rows, columns {result.column_names}, written to {final}")
     captions = [c for c in pipeline.columns.caption_columns if c in result.column_names]
@@ -209,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point of `rwkv-clip-data`; returns the exit status."""
     from ..evaluation.cli import console_entry
 
-    return console_entry(run, argv)
+    return console_entry(run, argv, logger_name="rwkv_clip_hf.data")
 
 
 if __name__ == "__main__":

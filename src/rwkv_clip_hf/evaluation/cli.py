@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..processing_rwkv_clip import check_processor_matches_model
 from .data import labels_as_ints, load_eval_dataset, require_column
 from .features import (
     DTYPES,
@@ -129,6 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Raise a `ValueError` for a device string torch does not know, or a CUDA device on a machine without one."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {device}: MPS is not available on this machine; use --device cpu")
+
+
+def check_directory_option(option: str, path: str | Path | None) -> None:
+    """Raise a `ValueError` when `path` (to be created as a directory) or one of its parents is a file."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
+                raise ValueError(f"{option} {path} {where}, not a directory")
+            return
+
+
+def model_load_error(option: str, name: str, error: BaseException) -> ValueError:
+    """A one-line `ValueError` for a model that cannot be loaded: a missing local directory says so (not the
+    Hub's "Repo id must use alphanumeric chars"), other failures give the loader's first line."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.is_absolute()
+    if looks_local and not path.exists():
+        return ValueError(f"{option} {name}: no such directory")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return ValueError(f"{option} {name}: cannot be loaded ({type(error).__name__}: {lines[0] if lines else ''})")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).rstrip("/").split("/")[-1]).strip("-") or "x"
 
@@ -155,6 +200,10 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    check_device(args.device)
+    check_directory_option("--output-dir", args.output_dir)
+    if not args.no_cache:
+        check_directory_option("--cache-dir", args.cache_dir or default_cache_dir())
     # The data first: a wrong split or column should fail before the model is loaded.
     splits = {"test": _load(args, args.split, args.max_samples)}
     if args.protocol == "linear-probe":
@@ -169,13 +218,21 @@ def run(argv: list[str] | None = None) -> dict:
     for data in splits.values():
         require_column(data.dataset, args.image_column, "--image-column", data.source)
 
-    model, processor = load_model_and_processor(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
+    try:
+        model, processor = load_model_and_processor(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except ValueError as error:
+        if str(error).startswith("--"):  # already names the option
+            raise
+        raise model_load_error("--model", args.model, error) from None
+    except OSError as error:  # missing files, unknown Hub repository, offline
+        raise model_load_error("--model", args.model, error) from None
+    check_processor_matches_model(processor, model)
     cache = FeatureCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     model_key = model_fingerprint(model, source=args.model, revision=args.revision, dtype=args.dtype)
     extractor = FeatureExtractor(model, processor, model_key, cache, args.batch_size)
@@ -246,16 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     return console_entry(run, argv)
 
 
-def console_entry(run_fn, argv: list[str] | None = None) -> int:
-    """Runs a CLI's `run(argv)` with INFO logging; a `ValueError` / `FileNotFoundError` is printed as one error
-    line and exit status 2 instead of a traceback."""
+def console_entry(run_fn, argv: list[str] | None = None, logger_name: str = "rwkv_clip_hf.evaluation") -> int:
+    """Runs a CLI's `run(argv)` with INFO logging; a `ValueError` or `OSError` (a missing or unwritable file, a
+    full disk) is logged under `logger_name` as one error line and exit status 2 instead of a traceback."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rwkv_clip_hf").setLevel(logging.INFO)
     try:
         run_fn(argv)
-    except (ValueError, FileNotFoundError) as error:
-        logger.error("%s", error)
+    except ValueError as error:
+        logging.getLogger(logger_name).error("%s", error)
+        return 2
+    except OSError as error:
+        detail = f"{error.strerror} ({error.filename})" if error.strerror and error.filename else str(error)
+        logging.getLogger(logger_name).error("%s", detail or type(error).__name__)
         return 2
     return 0
 

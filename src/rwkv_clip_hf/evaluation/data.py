@@ -68,6 +68,8 @@ def load_eval_dataset(
     filters: list[str] | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
+    dataset_option: str = "--dataset",
+    split_option: str = "--split",
 ) -> EvalData:
     """Load one split of a dataset given by Hub id or local path.
 
@@ -85,6 +87,8 @@ def load_eval_dataset(
             `split=test` for Flickr30k dumps that store the Karpathy split in a column).
         seed: the seed of the `max_samples` draw.
         cache_dir: the `datasets` cache directory (default: the `datasets` default).
+        dataset_option, split_option: how the caller's command line names `dataset` and `split`, for the
+            error messages (the training examples: `--dataset_name`, `--train_split`).
 
     Returns:
         An `EvalData`.
@@ -96,7 +100,7 @@ def load_eval_dataset(
     if _is_saved_to_disk(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            loaded = _pick_split(loaded, split, dataset)
+            loaded = _pick_split(loaded, split, dataset, dataset_option, split_option)
         else:
             source["split"] = None
     else:
@@ -105,8 +109,8 @@ def load_eval_dataset(
             builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
             if builder is None:
                 raise ValueError(
-                    f"--dataset {dataset}: cannot tell the format of this file; give a parquet, csv, json(l) or "
-                    "arrow file, a directory, or a Hub dataset id"
+                    f"{dataset_option} {dataset}: cannot tell the format of this file; give a parquet, csv, "
+                    "json(l) or arrow file, a directory, or a Hub dataset id"
                 )
             loaded = datasets.load_dataset(builder, data_files={"data": str(path)}, **kwargs)
             # A single file has no split names of its own.
@@ -114,10 +118,10 @@ def load_eval_dataset(
             source["split"] = None
         else:
             if not path.exists() and dataset.startswith((".", "/", "~")):
-                raise FileNotFoundError(f"--dataset {dataset}: no such file or directory")
+                raise FileNotFoundError(f"{dataset_option} {dataset}: no such file or directory")
             loaded = datasets.load_dataset(dataset, config_name, revision=revision, **kwargs)
             if isinstance(loaded, datasets.DatasetDict):
-                loaded = _pick_split(loaded, split, dataset)
+                loaded = _pick_split(loaded, split, dataset, dataset_option, split_option)
 
     for spec in filters or []:
         column, sep, value = spec.partition("=")
@@ -147,14 +151,17 @@ def load_eval_dataset(
     return EvalData(dataset=loaded, source=source)
 
 
-def _pick_split(splits, split: str | None, name: str):
+def _pick_split(splits, split: str | None, name: str, dataset_option="--dataset", split_option="--split"):
     available = list(splits.keys())
     if split is None:
         if len(available) == 1:
             return splits[available[0]]
-        raise ValueError(f"--dataset {name} has splits {available}; choose one with --split")
+        raise ValueError(f"{dataset_option} {name} has splits {available}; choose one with {split_option}")
     if split not in splits:
-        raise ValueError(f"--dataset {name} has no split {split!r}; available splits: {available}")
+        raise ValueError(
+            f"{dataset_option} {name} has no split {split!r}; available splits: {available} "
+            f"(choose with {split_option})"
+        )
     return splits[split]
 
 

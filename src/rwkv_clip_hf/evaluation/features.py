@@ -153,8 +153,14 @@ class FeatureCache:
 
         path = self.path(key)
         if path is not None and path.is_file():
-            logger.info("%s: cached features found, skipping the encoding (%s)", what, path)
-            return load_file(str(path))["features"]
+            try:
+                cached = load_file(str(path))["features"]
+            except Exception as error:  # truncated or corrupted (e.g. copied from an interrupted sync)
+                logger.warning("%s: the cached features %s are unreadable (%s: %s); encoding again", what, path,
+                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            else:
+                logger.info("%s: cached features found, skipping the encoding (%s)", what, path)
+                return cached
         features = compute()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +227,8 @@ def encode_images(
     device, dtype = _model_device_dtype(model)
     fetch = images if callable(images) else (lambda start, stop: list(images[start:stop]))
     chunks = []
-    for start in tqdm(range(0, count, batch_size), desc=f"encoding {desc}", unit="batch"):
+    batches = range(0, count, batch_size)
+    for start in tqdm(batches, desc=f"encoding {desc}", unit="batch", disable=len(batches) < 2):
         batch = fetch(start, min(start + batch_size, count))
         pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"]
         features = pooled(model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype)))
@@ -243,7 +250,8 @@ def encode_texts(model, processor, texts: Sequence[str], batch_size: int = 256, 
     if max_length is not None:
         kwargs["max_length"] = max_length
     chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {desc}", unit="batch"):
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc=f"encoding {desc}", unit="batch", disable=len(batches) < 2):
         batch = processor(text=list(texts[start : start + batch_size]), **kwargs)
         inputs = {"input_ids": batch["input_ids"].to(device)}
         if "attention_mask" in batch:
@@ -286,7 +294,21 @@ class FeatureExtractor:
         column = data.dataset.select_columns([image_column])
 
         def fetch(start: int, stop: int) -> list:
-            return [to_pil(value, image_column) for value in column[start:stop][image_column]]
+            try:
+                images = [to_pil(value, image_column) for value in column[start:stop][image_column]]
+                for image in images:
+                    image.load()  # decode here, where the row is known (PIL opens lazily)
+                return images
+            except (OSError, ValueError, TypeError, SyntaxError):  # PIL's errors for undecodable files
+                for row in range(start, stop):  # find the row, and say which it is
+                    try:
+                        to_pil(column[row][image_column], image_column).load()
+                    except (OSError, ValueError, TypeError, SyntaxError) as error:
+                        raise ValueError(
+                            f"--image-column {image_column!r}: row {row} of {data.describe()} is not a readable "
+                            f"image ({type(error).__name__}: {error})"
+                        ) from None
+                raise
 
         return self.cache.get_or_compute(
             key,
