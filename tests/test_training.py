@@ -73,7 +73,7 @@ def test_contrastive_loss_falls_under_trainer(tmp_path, processor, shapes):
     assert 0.0 <= model.logit_scale.item() <= math.log(100) + 1e-6
 
 
-def _diverging_run(tmp_path, processor, shapes, callbacks):
+def _diverging_run(tmp_path, processor, shapes, guarded):
     torch.manual_seed(0)
     model = RWKVCLIPModel(real_vocab_config())
     dataset = shapes.select(range(32)).with_transform(ContrastiveTransform(processor, "image", ["caption"], seed=0))
@@ -83,8 +83,10 @@ def _diverging_run(tmp_path, processor, shapes, callbacks):
     )  # fmt: skip
     trainer = RWKVCLIPTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer),
-        callbacks=callbacks,
     )  # fmt: skip
+    assert any(isinstance(cb, NonFiniteTrainingCallback) for cb in trainer.callback_handler.callbacks)  # a default
+    if not guarded:
+        trainer.remove_callback(NonFiniteTrainingCallback)
     return model, trainer
 
 
@@ -96,12 +98,12 @@ def _saved_weights_are_finite(checkpoint) -> bool:
 
 def test_diverging_training_stops_before_saving_non_finite_weights(tmp_path, processor, shapes):
     # without the callback, Trainer trains on and saves NaN weights as if nothing happened
-    model, trainer = _diverging_run(tmp_path / "plain", processor, shapes, callbacks=None)
+    model, trainer = _diverging_run(tmp_path / "plain", processor, shapes, guarded=False)
     trainer.train()
     assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not all(_saved_weights_are_finite(c) for c in (tmp_path / "plain").glob("checkpoint-*"))
 
-    model, trainer = _diverging_run(tmp_path / "guarded", processor, shapes, callbacks=[NonFiniteTrainingCallback()])
+    model, trainer = _diverging_run(tmp_path / "guarded", processor, shapes, guarded=True)
     with pytest.raises(NonFiniteTrainingError, match=r"training diverged at optimizer step \d+ .*NaN or infinite"):
         trainer.train()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # stopped before the bad step
