@@ -34,4 +34,7 @@ class RWKVCLIPProcessor(ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=RWKVCLIPTokenizer(model_max_length=context_length))
 
 
+# saving writes this module and the `auto_map` entry next to the files (remote code, see remote_code_rwkv_clip)
+RWKVCLIPProcessor.register_for_auto_class()
+
 __all__ = ["RWKVCLIPProcessor"]

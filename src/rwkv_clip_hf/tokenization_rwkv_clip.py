@@ -286,4 +286,7 @@ def _clean_inputs(text, is_split_into_words: bool):
     return text  # not text: the base class raises its usual error
 
 
+# saving writes this module and the `auto_map` entry next to the files (remote code, see remote_code_rwkv_clip)
+RWKVCLIPTokenizer.register_for_auto_class()
+
 __all__ = ["RWKVCLIPTokenizer", "bytes_to_unicode", "clean_text"]
