@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
@@ -331,6 +333,11 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
         return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
 
 
+def _tracing() -> bool:
+    """Under torch.compile or torch.export: data-dependent checks (which need the values) are skipped."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def canonical_text_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -364,17 +371,21 @@ def canonical_text_ids(
     else:
         real = torch.ones_like(input_ids, dtype=torch.bool)
     lengths = real.sum(dim=1)
-    if attention_mask is not None and not bool(real.all()):
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-        input_ids = torch.gather(input_ids, 1, order)
+    if attention_mask is not None:
+        # real tokens first, in order (the identity where the mask is all ones): each token's new position, then
+        # one scatter. No data-dependent branch and no sort, so that torch.export, torch.compile(fullgraph=True)
+        # and the ONNX exporter trace it
+        real_before = real.cumsum(dim=1) - 1
+        pad_before = lengths[:, None] + (~real).cumsum(dim=1) - 1
+        input_ids = torch.scatter(input_ids, 1, torch.where(real, real_before, pad_before), input_ids)
     ids = torch.where(positions[None, :] < lengths[:, None], input_ids, pad_token_id)
     if seq_len < context_length:
         ids = F.pad(ids, (0, context_length - seq_len), value=pad_token_id)
     elif seq_len > context_length:
-        ids = ids[:, :context_length].clone()
-        too_long = lengths > context_length
-        if eos_token_id is not None and bool(too_long.any()):
-            ids[too_long, -1] = eos_token_id
+        ids = ids[:, :context_length]
+        if eos_token_id is not None:
+            last = torch.where(lengths > context_length, eos_token_id, ids[:, -1])
+            ids = torch.cat((ids[:, :-1], last[:, None]), dim=1)
     return ids
 
 
@@ -397,6 +408,24 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
 
+class _TowerFromFullCheckpoint(WeightRenaming):
+    """Loads a tower from a full RWKV-CLIP checkpoint by dropping the tower's prefix (`vision_model.X` -> `X`), the
+    mechanism transformers' CLIP towers use. A tower saves under its own names, so saving has nothing to reverse."""
+
+    __slots__ = ()
+
+    def reverse_transform(self) -> "_TowerFromFullCheckpoint":
+        return self
+
+
+for _tower_class, _prefix in (("RWKVCLIPTextModel", "text_model"), ("RWKVCLIPVisionModel", "vision_model")):
+    register_checkpoint_conversion_mapping(
+        _tower_class,
+        [_TowerFromFullCheckpoint(source_patterns=rf"^{_prefix}\.(.+)", target_patterns=r"\1")],
+        overwrite=True,  # the installed package and a remote-code copy may both register
+    )
+
+
 class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
     """The RWKV-CLIP text tower. `pooler_output` is the caption embedding: the mean over all context positions
     of the L2-normalised final token states (there is no projection layer)."""
@@ -404,6 +433,8 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
     config: RWKVCLIPTextConfig
     input_modalities = ("text",)
     _input_embed_layer = "token_embedding"
+    # `from_pretrained` on a full RWKV-CLIP checkpoint loads `text_model.*`; the image tower is not used here
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^logit_scale$"]
 
     def __init__(self, config: RWKVCLIPTextConfig):
         super().__init__(config)
@@ -442,7 +473,7 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
         input_ids = canonical_text_ids(
             input_ids, attention_mask, config.max_position_embeddings, config.pad_token_id, config.eos_token_id
         )
-        if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
+        if not _tracing() and (int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0):
             raise ValueError(
                 f"input_ids contain ids outside the vocabulary [0, {config.vocab_size}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}"
@@ -462,6 +493,8 @@ class RWKVCLIPVisionModel(RWKVCLIPPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
+    # `from_pretrained` on a full RWKV-CLIP checkpoint (or an image classifier's) loads `vision_model.*`
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_scale$", r"^classifier\."]
 
     def __init__(self, config: RWKVCLIPVisionConfig):
         super().__init__(config)
@@ -574,7 +607,15 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
             pixel_values: images (see `RWKVCLIPVisionModel.forward`).
             return_loss: also return the symmetric contrastive loss (text i matches image i).
             interpolate_pos_encoding: see `RWKVCLIPVisionModel.forward`.
+
+        Called with images only (no `input_ids`, as `pipeline("image-feature-extraction")` does), it returns the
+        image tower's `BaseModelOutputWithPooling` (`pooler_output` is the image embedding, see
+        `get_image_features`).
         """
+        if input_ids is None and pixel_values is not None and not return_loss:
+            return self.get_image_features(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            )
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
