@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all demo default-model bench bench-bi-wkv bench-train clean
+.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP) kernels
 # Also the tests marked slow.
 test-all: $(STAMP) kernels
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# torch.export, torch.compile(fullgraph=True) and ONNX export of the towers and the model (slow: a few minutes).
+test-export: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_export.py
 
 # README's main job: zero-shot classification of examples/images with the bundled default model.
 demo: $(STAMP)
