@@ -128,15 +128,16 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
+        # special-token ids outside the vocabulary only warn (transformers' `validate_token_ids`), as Hub configs
+        # carry such ids
+        super().validate_architecture()
         self._validate_tower()
         if self.max_position_embeddings < 2:
             raise ValueError(
                 f"RWKVCLIPTextConfig: max_position_embeddings (context length) must be >= 2, got {self.max_position_embeddings}."
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"RWKVCLIPTextConfig: {name} ({value}) is outside the vocabulary (size {self.vocab_size}).")
+        if self.vocab_size <= 0:
+            raise ValueError(f"RWKVCLIPTextConfig: vocab_size must be positive, got {self.vocab_size}.")
 
 
 @strict
@@ -181,6 +182,7 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     bi_wkv_backend: str = "auto"
 
     def validate_architecture(self):
+        super().validate_architecture()
         self._validate_tower()
         if self.patch_size <= 0 or self.image_size < self.patch_size:
             raise ValueError(
@@ -227,6 +229,7 @@ class RWKVCLIPConfig(_RemoteCodeConfigMixin, PreTrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
 
     def validate_architecture(self):
+        super().validate_architecture()
         if self.text_config.hidden_size != self.vision_config.hidden_size:
             raise ValueError(
                 "RWKVCLIPConfig: the towers have no projection layer, so text_config.hidden_size "
