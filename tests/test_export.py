@@ -1,7 +1,8 @@
 """torch.export, torch.compile(fullgraph=True) and ONNX export of the towers and the dual encoder.
 
-On the PyTorch Bi-WKV path (backend "torch"): the prebuilt kernel is a `torch.ops` custom op of its own. The
-exports and compilations take tens of seconds each on a CPU: they are marked slow (`make test-export`).
+On the PyTorch Bi-WKV path (backend "torch"); torch.export also on the prebuilt CPU kernel, a `torch.ops` custom
+op with a fake implementation, which stays one node of the graph (ONNX has no translation for it). The exports
+and compilations take seconds to minutes each on a CPU: they are marked slow (`make test-export`).
 """
 
 import random
@@ -160,3 +161,46 @@ def test_onnx_export_text_tower(model, tmp_path):
     new_ids, new_mask = text_batch(5, seed=5)
     onnx_check(model.text_model, {"input_ids": ids, "attention_mask": mask},
                {"input_ids": new_ids, "attention_mask": new_mask}, tmp_path)
+
+
+@pytest.fixture
+def kernel_model(monkeypatch):
+    """The model on the prebuilt CPU kernel (a `torch.ops` custom op with a fake implementation), or skip (fail
+    under RWKV_CLIP_REQUIRE_KERNEL=1, as `make test` sets)."""
+    import os
+    from pathlib import Path
+
+    from rwkv_clip_hf.ops.bi_wkv import KernelUnavailableError, kernel
+
+    cuda_dir = Path(__file__).resolve().parents[1] / "cuda"
+    monkeypatch.setenv("LOCAL_KERNELS", f"{kernel.DEFAULT_KERNEL_REPO}={cuda_dir}")
+    monkeypatch.delenv("RWKV_CLIP_BI_WKV_BACKEND", raising=False)
+    kernel.clear_cache()
+    try:
+        kernel.load_kernel("cpu")
+    except KernelUnavailableError as error:
+        if os.environ.get("RWKV_CLIP_REQUIRE_KERNEL") == "1":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    config = tiny_config(text_config={"bi_wkv_backend": "kernel"}, vision_config={"bi_wkv_backend": "kernel"})
+    yield randomize_(RWKVCLIPModel(config).eval(), seed=7)
+    kernel.clear_cache()
+
+
+@pytest.mark.slow
+def test_export_towers_on_the_kernel(kernel_model):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    vision = kernel_model.vision_model
+    exported = torch.export.export(
+        vision, (), {"pixel_values": torch.randn(2, 3, 40, 56)}, dynamic_shapes={"pixel_values": {0: batch}}
+    )
+    assert any("bi_wkv" in str(node.target) for node in exported.graph.nodes)  # the custom op, not the chunks
+    check_exported(exported, vision, {"pixel_values": torch.randn(3, 3, 40, 56)})
+    text = kernel_model.text_model
+    ids, mask = text_batch(2)
+    exported = torch.export.export(
+        text, (), {"input_ids": ids, "attention_mask": mask},
+        dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+    )
+    ids, mask = text_batch(4, seed=6)
+    check_exported(exported, text, {"input_ids": ids, "attention_mask": mask})
