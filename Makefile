@@ -39,8 +39,8 @@ test-all: $(STAMP) kernels
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # torch.export, torch.compile(fullgraph=True) and ONNX export of the towers and the model (slow: a few minutes).
-test-export: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_export.py
+test-export: $(STAMP) kernels
+	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_export.py
 
 # README's main job: zero-shot classification of examples/images with the bundled default model.
 demo: $(STAMP)
