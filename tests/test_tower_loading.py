@@ -89,3 +89,19 @@ def test_image_feature_extraction_pipeline_on_a_full_directory(full_dir):
     hidden = extractor(images[0], return_tensors=True)
     torch.testing.assert_close(hidden.reshape(states[:1].shape), states[:1], rtol=0, atol=0)
     assert np.isfinite(expected.numpy()).all()
+
+
+def test_towers_from_a_hub_id(full_dir, tmp_path):
+    """The same through a Hub id, from a cache laid out as huggingface_hub's (offline: no download)."""
+    import shutil
+
+    path, model = full_dir
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--rwkv-clip-hf--tiny-test"
+    shutil.copytree(path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    vision = RWKVCLIPVisionModel.from_pretrained("rwkv-clip-hf/tiny-test", cache_dir=tmp_path / "cache")
+    text = RWKVCLIPTextModel.from_pretrained("rwkv-clip-hf/tiny-test", cache_dir=tmp_path / "cache")
+    assert_same_weights(vision, model.vision_model)
+    assert_same_weights(text, model.text_model)
