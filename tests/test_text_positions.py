@@ -35,7 +35,9 @@ def test_left_padded_states_line_up_with_the_input(tower):
     for row, caption in enumerate(captions):
         pads = width - len(caption)
         # each real token has its own state (the BOS state where the BOS is, at index `pads`) ...
-        torch.testing.assert_close(out.last_hidden_state[row, pads:], tokens[row, : len(caption)], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            out.last_hidden_state[row, pads:], tokens[row, : len(caption)], rtol=1e-10, atol=1e-10
+        )
         # ... and the padding the states of the original's padding after the caption, in order
         torch.testing.assert_close(
             out.last_hidden_state[row, :pads], tokens[row, len(caption) : width], rtol=1e-10, atol=1e-10

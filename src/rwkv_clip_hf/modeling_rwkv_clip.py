@@ -507,7 +507,9 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
         return outputs
 
     @capture_outputs(tie_last_hidden_states=False)
-    def _encode_canonical(self, input_ids: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
+    def _encode_canonical(
+        self, input_ids: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         hidden_states = self.pre_layernorm(self.token_embedding(input_ids))
         encoder_outputs = self.encoder(hidden_states, (1, input_ids.shape[1]), **kwargs)
         last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
