@@ -335,7 +335,8 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
 
 def _tracing() -> bool:
     """Under torch.compile or torch.export: data-dependent checks (which need the values) are skipped."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    # torch.compiler.is_exporting is newer than the oldest torch this package supports
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", bool)()
 
 
 def canonical_text_positions(

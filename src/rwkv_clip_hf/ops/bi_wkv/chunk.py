@@ -50,7 +50,8 @@ def _cached_between_selector(size: int, dtype: torch.dtype, device: torch.device
 
 def _between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`(size * size, size)` 0/1 matrix: row (t, i) selects the tokens j strictly between t and i."""
-    if not isinstance(size, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    tracing = torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", bool)()
+    if tracing or not isinstance(size, int):
         # traced (a symbolic size is unhashable): built inside the graph, from the same integer ops
         return _build_between_selector(size, dtype, device)
     return _cached_between_selector(size, dtype, device)
