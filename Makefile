@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # use it without the Hub; without a build, the models fall back to the PyTorch path.
 export LOCAL_KERNELS ?= rwkv-clip-hf/bi-wkv=$(CURDIR)/cuda
 
-.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all demo default-model bench bench-bi-wkv bench-train clean
+.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(STAMP) kernels
 # Also the tests marked slow.
 test-all: $(STAMP) kernels
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# torch.export, torch.compile(fullgraph=True) and ONNX export of the towers and the model (slow: a few minutes).
+test-export: $(STAMP) kernels
+	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_export.py
 
 # README's main job: zero-shot classification of examples/images with the bundled default model.
 demo: $(STAMP)

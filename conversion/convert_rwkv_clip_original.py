@@ -830,8 +830,9 @@ def model_card(
         "",
         "Embeddings: `model.get_image_features(pixel_values).pooler_output` and",
         "`model.get_text_features(input_ids, attention_mask).pooler_output` (not normalised). The repository also",
-        "carries the model code, so `AutoModel.from_pretrained(repo, trust_remote_code=True)` loads the model",
-        "without the package.",
+        "carries the code of the model, tokenizer, image processor and processor: without the package, pass",
+        "`trust_remote_code=True` to `AutoModel`, `AutoProcessor` (or `AutoTokenizer`, `AutoImageProcessor`) and",
+        "`pipeline(...)`; the results are the same (it needs `ftfy` and `regex` for the tokenizer).",
     ]
     published = PUBLISHED_RESULTS.get((architecture, training_data[0] if len(training_data) == 1 else None))
     if published:

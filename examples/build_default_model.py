@@ -419,7 +419,12 @@ def main():
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # no tokenizer.json (3.6 MB): RWKVCLIPTokenizer rebuilds the same vocabulary from the package's BPE file
     for name in ("processor_config.json", "tokenizer_config.json"):
-        shutil.copy(run_dir / name, staging / name)
+        # the package serves the processor code too: no remote-code entries pointing at files not bundled
+        saved = json.loads((run_dir / name).read_text())
+        saved.pop("auto_map", None)
+        if isinstance(saved.get("image_processor"), dict):
+            saved["image_processor"].pop("auto_map", None)
+        (staging / name).write_text(json.dumps(saved, indent=2) + "\n")
 
     results = evaluate(staging, work / "eval", args.eval_samples, seed=10_000 + args.seed)
     parameters = sum(p.numel() for p in model.parameters())

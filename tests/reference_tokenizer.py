@@ -36,8 +36,11 @@ class ReferenceTokenizer:
         self.ids = {s: i for i, s in enumerate(symbols)}
         assert len(self.ids) == 49406
         self.rank = {m: i for i, m in enumerate(merges)}
+        # as CLIP's: the special texts first, each a piece of its own that maps to its id
+        self.specials = {"<start_of_text>": START, "<end_of_text>": END}
         self.pattern = regex.compile(
-            r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+            r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
         )
 
     def clean(self, text):
@@ -69,6 +72,9 @@ class ReferenceTokenizer:
     def encode(self, text):
         ids = []
         for piece in self.pattern.findall(self.clean(text)):
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+                continue
             mapped = "".join(self.byte_chars[b] for b in piece.encode("utf-8"))
             ids.extend(self.bpe(mapped))
         return ids

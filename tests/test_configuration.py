@@ -49,7 +49,7 @@ def test_preset_overrides():
         (RWKVCLIPVisionConfig, {"token_shift": "spiral"}, "token_shift must be one of"),
         (RWKVCLIPVisionConfig, {"drop_path_rate": 1.0}, "drop_path_rate"),
         (RWKVCLIPTextConfig, {"num_hidden_layers": 0}, "num_hidden_layers must be positive"),
-        (RWKVCLIPTextConfig, {"vocab_size": 100}, "outside the vocabulary"),
+        (RWKVCLIPTextConfig, {"vocab_size": 0}, "vocab_size must be positive"),
     ],
 )
 def test_invalid_tower_configs_raise_at_config_time(cls, kwargs, message):
@@ -70,3 +70,33 @@ def test_config_round_trip(tmp_path):
     assert loaded.text_config.group_norm_eps == config.text_config.group_norm_eps
     assert loaded.auto_map["AutoModel"] == "modeling_rwkv_clip.RWKVCLIPModel"
     assert (tmp_path / "modeling_rwkv_clip.py").is_file()
+
+
+def test_special_token_ids_outside_the_vocabulary_warn_like_transformers(tmp_path, caplog):
+    # transformers only warns (Hub configs carry such ids); a small vocabulary without token ids must load
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            config = RWKVCLIPTextConfig(vocab_size=20)
+        assert config.bos_token_id == 49406
+        assert "bos_token_id must be `None` or an integer within the vocabulary" in caplog.text
+        RWKVCLIPConfig.from_preset("B/32").save_pretrained(tmp_path)
+        loaded = RWKVCLIPConfig.from_pretrained(tmp_path, text_config={"vocab_size": 20})
+        assert loaded.text_config.vocab_size == 20
+    finally:
+        hf_logging.disable_propagation()
+
+
+@pytest.mark.parametrize("cls", [RWKVCLIPTextConfig, RWKVCLIPVisionConfig, RWKVCLIPConfig])
+def test_validate_architecture_calls_the_base(cls, monkeypatch):
+    from transformers import PreTrainedConfig
+
+    calls = []
+    original = PreTrainedConfig.validate_architecture
+    monkeypatch.setattr(PreTrainedConfig, "validate_architecture", lambda self: calls.append(self) or original(self))
+    config = cls()
+    calls.clear()
+    config.validate_architecture()
+    assert calls == [config]

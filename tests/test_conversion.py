@@ -297,6 +297,11 @@ def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_pa
     assert card.data.datasets == [conv.KNOWN_TRAINING_DATA["YFCC15M"]["hub_id"]]  # from the output name
     assert "https://arxiv.org/abs/2406.06973" in card.text
     assert "AutoProcessor.from_pretrained(repo)" in card.text
+    # the repository serves users without the package: the code of the model and of the processor parts
+    code = {path.name for path in output.glob("*.py")}
+    assert {"modeling_rwkv_clip.py", "tokenization_rwkv_clip.py", "image_processing_rwkv_clip.py",
+            "processing_rwkv_clip.py"} <= code
+    assert "AutoTokenizer" in json.loads((output / "tokenizer_config.json").read_text())["auto_map"]
 
     processor = AutoProcessor.from_pretrained(output)
     model = AutoModel.from_pretrained(output).double()

@@ -88,6 +88,10 @@ def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path, va
     model = AutoModel.from_pretrained(output)
     assert isinstance(model, RWKVCLIPModel)
     assert not output.with_name("model.tmp").exists()
+    # the package serves the code: no remote-code files or auto_map entries pointing at them
+    assert not list(output.glob("*.py"))
+    assert not any("auto_map" in (output / name).read_text() for name in ("config.json", "processor_config.json",
+                                                                          "tokenizer_config.json"))
     # the recipe's step 2 keeps step 1's image tower (up to the float16 storage); --no-freeze-vision trains it
     classifier = RWKVCLIPForImageClassification.from_pretrained(tmp_path / "work" / "vision")
     assert classifier.config.num_labels == (14 if variant else 48)

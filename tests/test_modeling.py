@@ -74,9 +74,12 @@ def test_text_tower_matches_reference(model):
 
     ids, mask = pad_batch(captions, 22, pad_id=7)
     out64 = model.text_model.double()(ids, attention_mask=mask)
-    assert out64.last_hidden_state.shape == (4, config.max_position_embeddings, config.hidden_size)
+    # right padding: the input positions are the original layout's, up to the context; beyond it zeros
+    context = config.max_position_embeddings
+    assert out64.last_hidden_state.shape == (4, 22, config.hidden_size)
     for row in range(4):
-        torch.testing.assert_close(out64.last_hidden_state[row], tokens[row], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out64.last_hidden_state[row, :context], tokens[row], rtol=1e-10, atol=1e-10)
+    assert not out64.last_hidden_state[:, context:].any()
     torch.testing.assert_close(out64.pooler_output, pooled, rtol=1e-10, atol=1e-10)
 
     out32 = model.text_model.float()(ids, attention_mask=mask)

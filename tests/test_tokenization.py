@@ -42,6 +42,11 @@ TRICKY = [
     "\x1b[31mred terminal\x1b[0m text\x00nul\x7fdel",
     "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ",
     "<start_of_text> <end_of_text> <|startoftext|> <|endoftext|>",
+    # the special texts inside captions, in any case, next to letters, digits, punctuation and each other
+    "A <START_OF_TEXT>photo<End_Of_Text> of 2<end_of_text>3 cats",
+    "x!<end_of_text> y.<START_OF_TEXT><end_of_text> 's<end_of_text> '<end_of_text> z<end_of_text><start_of_text>!",
+    "<end_of_text><end_of_text>end_of_text> <end_of_text <start_of_text<end_of_text> &lt;end_of_text&gt;",
+    "e\u0301<end_of_text> 日本<end_of_text> <<end_of_text> ><end_of_text>",
     "'s 't 're 've 'm 'll 'd 'S 'T 'RE",
     "a " + "very " * 100 + "long caption",
     "supercalifragilisticexpialidocious " * 20,
@@ -145,3 +150,32 @@ def test_decode_drops_padding_but_keeps_real_exclamation_marks(tokenizer):
         batch = tokenizer(texts, padding="max_length", max_length=12, padding_side=side)["input_ids"]
         assert any(0 in row[1:-1] for row in tokenizer(texts)["input_ids"])  # a real id 0 is present
         assert tokenizer.batch_decode(batch, skip_special_tokens=True) == ["hi !~ there", "!$", "x"]
+
+
+def test_special_texts_in_a_caption_give_their_ids(tokenizer, reference):
+    # the original's split pattern matches the special texts first (after lower-casing, so in any case) and maps
+    # them to their ids, unless a run of punctuation has already taken the "<"
+    a, b = reference.encode("a"), reference.encode("b")
+    assert tokenizer("a <END_OF_TEXT> b")["input_ids"] == [49406, *a, 49407, *b, 49407]
+    assert tokenizer("a<Start_of_Text><end_of_text>b")["input_ids"] == [49406, *a, 49406, 49407, *b, 49407]
+    plain = tokenizer("a!<end_of_text>")["input_ids"]
+    assert plain == [49406, *reference.encode("a!<end_of_text>"), 49407] and plain.count(49407) == 1
+    assert tokenizer.tokenize("x <end_of_text>") == ["x</w>", "<end_of_text>"]
+    # a "!" is text, never the pad token: it stays part of its BPE word
+    assert tokenizer("wow!!")["input_ids"] == [49406, *reference.encode("wow!!"), 49407]
+
+
+def test_saved_tokenizer_json_alone_gives_original_ids_for_plain_text(tmp_path, tokenizer, reference):
+    from tokenizers import Tokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = [
+        "A PHOTO OF THE BIG RED CAR!!",
+        "  Two\tdogs\n\nplaying   in the SNOW.  ",
+        "It's DON'T we'll I'M you're",
+        "e\u0301te\u0301 vs été",
+        "12345 3.14159 x <END_OF_TEXT> y",
+    ]
+    for text in texts:
+        assert plain.encode(text).ids == [49406, *reference.encode(text), 49407], text

@@ -1,10 +1,7 @@
 """RWKV-CLIP configurations: text tower, vision tower and the composite dual encoder."""
 
 import math
-import os
 import re
-import sys
-from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -12,6 +9,8 @@ from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
+
+from .remote_code_rwkv_clip import export_remote_code, save_with_remote_code
 
 
 # Token-shift patterns. Each head's channels are split into as many equal groups as there are offsets;
@@ -28,7 +27,7 @@ class _RemoteCodeConfigMixin:
     """Saved directories carry their code so that `trust_remote_code=True` loads them without this package."""
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        _save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, **kwargs)
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, **kwargs)
 
 
 class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
@@ -132,15 +131,16 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
+        # special-token ids outside the vocabulary only warn (transformers' `validate_token_ids`), as Hub configs
+        # carry such ids
+        super().validate_architecture()
         self._validate_tower()
         if self.max_position_embeddings < 2:
             raise ValueError(
                 f"RWKVCLIPTextConfig: max_position_embeddings (context length) must be >= 2, got {self.max_position_embeddings}."
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"RWKVCLIPTextConfig: {name} ({value}) is outside the vocabulary (size {self.vocab_size}).")
+        if self.vocab_size <= 0:
+            raise ValueError(f"RWKVCLIPTextConfig: vocab_size must be positive, got {self.vocab_size}.")
 
 
 @strict
@@ -182,6 +182,7 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
     initializer_range: float = 0.02
 
     def validate_architecture(self):
+        super().validate_architecture()
         self._validate_tower()
         if self.patch_size <= 0 or self.image_size < self.patch_size:
             raise ValueError(
@@ -228,6 +229,7 @@ class RWKVCLIPConfig(_RemoteCodeConfigMixin, PreTrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
 
     def validate_architecture(self):
+        super().validate_architecture()
         if self.text_config.hidden_size != self.vision_config.hidden_size:
             raise ValueError(
                 "RWKVCLIPConfig: the towers have no projection layer, so text_config.hidden_size "
@@ -253,94 +255,6 @@ class RWKVCLIPConfig(_RemoteCodeConfigMixin, PreTrainedConfig):
         vision = {**preset.get("vision_config", {}), **kwargs.pop("vision_config", {})}
         return cls(text_config=text, vision_config=vision, **kwargs)
 
-
-# model_type -> {transformers auto class: model class in modeling_rwkv_clip}
-AUTO_MODEL_CLASSES: dict[str, dict[str, str]] = {
-    "rwkv_clip": {
-        "AutoModel": "RWKVCLIPModel",
-        "AutoModelForZeroShotImageClassification": "RWKVCLIPModel",
-        "AutoModelForImageClassification": "RWKVCLIPForImageClassification",
-    },
-    "rwkv_clip_text_model": {"AutoModel": "RWKVCLIPTextModel"},
-    "rwkv_clip_vision_model": {"AutoModel": "RWKVCLIPVisionModel"},
-}
-
-
-def _remote_code_auto_map(config) -> dict:
-    mapping = {"AutoConfig": f"configuration_rwkv_clip.{type(config).__name__}"}
-    for auto_class, model_class in AUTO_MODEL_CLASSES.get(config.model_type, {}).items():
-        mapping[auto_class] = f"modeling_rwkv_clip.{model_class}"
-    return mapping
-
-# Files written next to a saved model so that it loads with `trust_remote_code=True`. transformers resolves
-# only flat sibling imports (`from .name import ...`), so the op package is flattened and its imports rewritten.
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_REMOTE_CODE_FILES = {
-    "configuration_rwkv_clip.py": ("configuration_rwkv_clip.py", {}),
-    "modeling_rwkv_clip.py": ("modeling_rwkv_clip.py", {"from .ops.bi_wkv import": "from .bi_wkv import"}),
-    "bi_wkv.py": (
-        "ops/bi_wkv/__init__.py",
-        {
-            "from .chunk import": "from .bi_wkv_chunk import",
-            "from .kernel import": "from .bi_wkv_kernel import",
-            "from .naive import": "from .bi_wkv_naive import",
-        },
-    ),
-    "bi_wkv_chunk.py": ("ops/bi_wkv/chunk.py", {}),
-    "bi_wkv_kernel.py": ("ops/bi_wkv/kernel.py", {}),
-    "bi_wkv_naive.py": ("ops/bi_wkv/naive.py", {}),
-}
-
-
-def _loaded_flat_module_file(target: str) -> Path:
-    # transformers may load the config and the model code from different cache folders
-    candidates = [_PACKAGE_DIR / target]
-    stem = target.removesuffix(".py")
-    for name, module in list(sys.modules.items()):
-        if name.rsplit(".", 1)[-1] == stem and getattr(module, "__file__", None):
-            candidates.append(Path(module.__file__))
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"remote-code export: cannot find the source of {target}")
-
-
-def export_remote_code(save_directory: str | os.PathLike) -> list[Path]:
-    """Write the self-contained model code used by `trust_remote_code=True` into `save_directory`."""
-    written = []
-    for target, (source, rewrites) in _REMOTE_CODE_FILES.items():
-        path = _PACKAGE_DIR / source
-        if not path.is_file():
-            # running from a flattened copy (loaded with trust_remote_code): copy the loaded files as they are
-            path, rewrites = _loaded_flat_module_file(target), {}
-        text = path.read_text(encoding="utf-8")
-        for old, new in rewrites.items():
-            if old not in text:
-                raise RuntimeError(f"remote-code export: expected {old!r} in {source}; update _REMOTE_CODE_FILES")
-            text = text.replace(old, new)
-        leftover = re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE)
-        unknown = [name for name in leftover if f"{name}.py" not in _REMOTE_CODE_FILES]
-        if unknown:
-            raise RuntimeError(f"remote-code export: {source} imports {unknown}, which are not exported")
-        path = Path(save_directory) / target
-        tmp = path.with_suffix(".py.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
-    return written
-
-
-def _save_with_remote_code(config, save_fn, save_directory, push_to_hub: bool, **kwargs) -> None:
-    config.auto_map = _remote_code_auto_map(config)
-    if not push_to_hub:
-        save_fn(save_directory, **kwargs)
-        export_remote_code(save_directory)
-        return
-    # Save and export locally first, then push the complete folder.
-    save_fn(save_directory)
-    export_remote_code(save_directory)
-    repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-    config.push_to_hub(repo_id, **kwargs)
 
 __all__ = [
     "RWKVCLIPConfig",

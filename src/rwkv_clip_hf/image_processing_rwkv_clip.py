@@ -220,4 +220,7 @@ def _rescale(array: np.ndarray, factor: float) -> np.ndarray:
     return array * np.float32(factor)
 
 
+# saving writes this module and the `auto_map` entry next to the files (remote code, see remote_code_rwkv_clip)
+RWKVCLIPImageProcessor.register_for_auto_class()
+
 __all__ = ["RWKVCLIPImageProcessor"]

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
@@ -288,6 +290,42 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
         return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
 
 
+def _tracing() -> bool:
+    """Under torch.compile or torch.export: data-dependent checks (which need the values) are skipped."""
+    # torch.compiler.is_exporting is newer than the oldest torch this package supports
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", bool)()
+
+
+def canonical_text_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each input token goes in the original layout (see `canonical_text_ids`).
+
+    Returns `(positions, lengths)`: `positions` `(batch, seq_len)` is each token's index in the left-packed
+    layout (real tokens first, in order, then the padding, in order), `lengths` `(batch,)` the number of real
+    tokens. Tensor operations only (no data-dependent branch), so that the text tower exports and compiles.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
+    seq_len = input_ids.shape[1]
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} like input_ids"
+            )
+        real = attention_mask.to(torch.bool)
+    elif eos_token_id is not None:
+        is_eos = input_ids == eos_token_id
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), seq_len - 1)
+        real = torch.arange(seq_len, device=input_ids.device)[None, :] <= first_eos[:, None]
+    else:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+    lengths = real.sum(dim=1)
+    real_before = real.cumsum(dim=1) - 1
+    pad_before = lengths[:, None] + (~real).cumsum(dim=1) - 1
+    return torch.where(real, real_before, pad_before), lengths
+
+
 def canonical_text_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -304,35 +342,27 @@ def canonical_text_ids(
     the left and padded with `pad_token_id`. A caption longer than `context_length` is cut to it with its last
     id set to `eos_token_id`, as the original tokenizer does.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
-    batch, seq_len = input_ids.shape
-    positions = torch.arange(seq_len, device=input_ids.device)
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} like input_ids"
-            )
-        real = attention_mask.to(torch.bool)
-    elif eos_token_id is not None:
-        is_eos = input_ids == eos_token_id
-        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), seq_len - 1)
-        real = positions[None, :] <= first_eos[:, None]
-    else:
-        real = torch.ones_like(input_ids, dtype=torch.bool)
-    lengths = real.sum(dim=1)
-    if attention_mask is not None and not bool(real.all()):
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-        input_ids = torch.gather(input_ids, 1, order)
-    ids = torch.where(positions[None, :] < lengths[:, None], input_ids, pad_token_id)
+    positions, lengths = canonical_text_positions(input_ids, attention_mask, eos_token_id)
+    seq_len = input_ids.shape[1]
+    # one scatter packs the real tokens to the left (the identity where there is no padding to move)
+    ids = torch.scatter(input_ids, 1, positions, input_ids)
+    ids = torch.where(torch.arange(seq_len, device=ids.device)[None, :] < lengths[:, None], ids, pad_token_id)
     if seq_len < context_length:
         ids = F.pad(ids, (0, context_length - seq_len), value=pad_token_id)
     elif seq_len > context_length:
-        ids = ids[:, :context_length].clone()
-        too_long = lengths > context_length
-        if eos_token_id is not None and bool(too_long.any()):
-            ids[too_long, -1] = eos_token_id
+        ids = ids[:, :context_length]
+        if eos_token_id is not None:
+            last = torch.where(lengths > context_length, eos_token_id, ids[:, -1])
+            ids = torch.cat((ids[:, :-1], last[:, None]), dim=1)
     return ids
+
+
+def _at_input_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq_len, hidden)`: the state of each input token, read from the original layout (zeros for tokens
+    that fell beyond the context)."""
+    inside = positions < states.shape[1]
+    index = positions.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[-1])
+    return torch.where(inside[..., None], torch.gather(states, 1, index), 0.0)
 
 
 class RWKVCLIPPreTrainedModel(PreTrainedModel):
@@ -376,6 +406,24 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
 
+class _TowerFromFullCheckpoint(WeightRenaming):
+    """Loads a tower from a full RWKV-CLIP checkpoint by dropping the tower's prefix (`vision_model.X` -> `X`), the
+    mechanism transformers' CLIP towers use. A tower saves under its own names, so saving has nothing to reverse."""
+
+    __slots__ = ()
+
+    def reverse_transform(self) -> "_TowerFromFullCheckpoint":
+        return self
+
+
+for _tower_class, _prefix in (("RWKVCLIPTextModel", "text_model"), ("RWKVCLIPVisionModel", "vision_model")):
+    register_checkpoint_conversion_mapping(
+        _tower_class,
+        [_TowerFromFullCheckpoint(source_patterns=rf"^{_prefix}\.(.+)", target_patterns=r"\1")],
+        overwrite=True,  # the installed package and a remote-code copy may both register
+    )
+
+
 class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
     """The RWKV-CLIP text tower. `pooler_output` is the caption embedding: the mean over all context positions
     of the L2-normalised final token states (there is no projection layer)."""
@@ -383,6 +431,8 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
     config: RWKVCLIPTextConfig
     input_modalities = ("text",)
     _input_embed_layer = "token_embedding"
+    # `from_pretrained` on a full RWKV-CLIP checkpoint loads `text_model.*`; the image tower is not used here
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^logit_scale$"]
 
     def __init__(self, config: RWKVCLIPTextConfig):
         super().__init__(config)
@@ -398,7 +448,7 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.token_embedding = value
 
-    @capture_outputs(tie_last_hidden_states=False)
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -412,20 +462,34 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
                 layout (see `canonical_text_ids`), so the embedding does not depend on how captions were batched.
 
         Returns:
-            `BaseModelOutputWithPooling` with `last_hidden_state` `(batch, max_position_embeddings, hidden)` over the
-            normalised 77-token layout (after the final LayerNorm) and `pooler_output` `(batch, hidden)`.
+            `BaseModelOutputWithPooling` with `pooler_output` `(batch, hidden)` and `last_hidden_state`
+            `(batch, seq_len, hidden)` (after the final LayerNorm) at the input positions: the tower runs on the
+            normalised `max_position_embeddings`-token layout, and each input token gets the state its token had
+            there (padding tokens the states of the layout's padding, in order; tokens cut off beyond the context
+            zeros). `hidden_states` (`output_hidden_states=True`) are read back the same way.
         """
         if input_ids is None:
             raise ValueError("You have to specify input_ids")
         config = self.config
+        positions, _ = canonical_text_positions(input_ids, attention_mask, config.eos_token_id)
         input_ids = canonical_text_ids(
             input_ids, attention_mask, config.max_position_embeddings, config.pad_token_id, config.eos_token_id
         )
-        if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
+        if not _tracing() and (int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0):
             raise ValueError(
                 f"input_ids contain ids outside the vocabulary [0, {config.vocab_size}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}"
             )
+        outputs = self._encode_canonical(input_ids, return_dict=True, **kwargs)
+        outputs.last_hidden_state = _at_input_positions(outputs.last_hidden_state, positions)
+        if outputs.hidden_states is not None:
+            outputs.hidden_states = tuple(_at_input_positions(states, positions) for states in outputs.hidden_states)
+        return outputs
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode_canonical(
+        self, input_ids: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         hidden_states = self.pre_layernorm(self.token_embedding(input_ids))
         encoder_outputs = self.encoder(hidden_states, (1, input_ids.shape[1]), **kwargs)
         last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
@@ -441,6 +505,8 @@ class RWKVCLIPVisionModel(RWKVCLIPPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
+    # `from_pretrained` on a full RWKV-CLIP checkpoint (or an image classifier's) loads `vision_model.*`
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_scale$", r"^classifier\."]
 
     def __init__(self, config: RWKVCLIPVisionConfig):
         super().__init__(config)
@@ -556,7 +622,15 @@ class RWKVCLIPModel(RWKVCLIPPreTrainedModel):
                 contrastive gradient accumulation, use `rwkv_clip_hf.training.ContrastiveLoss` (what
                 `RWKVCLIPTrainer` does).
             interpolate_pos_encoding: see `RWKVCLIPVisionModel.forward`.
+
+        Called with images only (no `input_ids`, as `pipeline("image-feature-extraction")` does), it returns the
+        image tower's `BaseModelOutputWithPooling` (`pooler_output` is the image embedding, see
+        `get_image_features`).
         """
+        if input_ids is None and pixel_values is not None and not return_loss:
+            return self.get_image_features(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            )
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
@@ -637,5 +711,6 @@ __all__ = [
     "RWKVCLIPTextModel",
     "RWKVCLIPVisionModel",
     "canonical_text_ids",
+    "canonical_text_positions",
     "token_shift",
 ]

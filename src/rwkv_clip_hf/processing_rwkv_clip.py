@@ -101,4 +101,7 @@ def _size_pair(size) -> tuple[int, int]:
     return getattr(size, "height", None), getattr(size, "width", None)
 
 
+# saving writes this module and the `auto_map` entry next to the files (remote code, see remote_code_rwkv_clip)
+RWKVCLIPProcessor.register_for_auto_class()
+
 __all__ = ["RWKVCLIPProcessor", "check_processor_matches_model"]

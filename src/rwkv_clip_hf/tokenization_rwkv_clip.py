@@ -10,19 +10,32 @@ HTML entities have none at all, and `tokenizers`' lower-casing works character b
 Python (`clean_text`) before handing it to the backend, whose normalizer is empty. Anything that encodes
 through the tokenizer's public methods (`__call__`, `encode`, `tokenize`, the processor, the pipeline) gets
 the original ids; calling `tokenizer.backend_tokenizer` directly skips the cleaning.
+
+The original recognises the texts `<start_of_text>` and `<end_of_text>` inside a caption (after cleaning, so
+in any letter case) and emits their ids, except where its split pattern has already swallowed the `<` into a
+run of punctuation (a special text preceded by a character other than a space, letter or digit). The backend
+matches the two as added tokens; `RWKVCLIPTokenizer` hides the occurrences the original does not recognise by
+putting a marker (`\x01`, which the cleaning never lets through) inside them, and the backend's normalizer
+deletes the marker again before the split.
+
+The saved `tokenizer.json` carries the cleaning steps that `tokenizers` can express (NFC, whitespace collapse,
+strip, lower-case) as its normalizer, so tools that read it directly get the original ids for plain text; HTML
+entities, ftfy's repairs and the final sigma need this class.
 """
 
 from __future__ import annotations
 
 import gzip
 import html
+import json
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import ftfy
 import numpy as np
 import regex
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -37,8 +50,19 @@ PAD_TOKEN = "!"
 
 # CLIP's split: the contractions, runs of letters, single digits, runs of anything else but spaces.
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The original's pattern also matches the special texts first (only for pieces of `tokenizer.json` users: in
+# this class the backend has already cut them out as added tokens).
+SPECIAL_SPLIT_PATTERN = "<start_of_text>|<end_of_text>|" + SPLIT_PATTERN
 
 _WHITESPACE = regex.compile(r"\s+")
+# Hides a special text from the backend's added-token matching; deleted by the backend's normalizer. ftfy
+# removes this control character and HTML-unescaping never produces it, so no cleaned text contains it.
+_HIDE = "\x01"
+# A run of special texts; the original recognises it unless the character before it is punctuation (neither
+# space, letter nor digit), which its split pattern joins with the "<" into one piece.
+_SPECIAL_RUN = regex.compile(r"(?:<start_of_text>|<end_of_text>)+")
+_SPECIAL_TEXT = regex.compile(r"<(?=start_of_text>|end_of_text>)")
+_RUN_STARTER = regex.compile(r"[\s\p{L}\p{N}]")
 # Characters ftfy may change in otherwise plain ASCII text: HTML entities, terminal escapes, control
 # characters and carriage returns. Printable ASCII without "&" is left exactly as it is by ftfy.
 _ASCII_SAFE = regex.compile(r"[\x20-\x25\x27-\x7e]*")
@@ -66,6 +90,33 @@ def clean_text(text: str) -> str:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     return _WHITESPACE.sub(" ", text.strip()).strip().lower()
+
+
+def hide_unrecognised_special_texts(text: str) -> str:
+    """Mark the special texts of a cleaned caption that the original tokenizes as plain text (see module doc)."""
+    if "_of_text>" not in text:
+        return text
+    pieces, end = [], 0
+    for run in _SPECIAL_RUN.finditer(text):
+        start = run.start()
+        if start == 0 or _RUN_STARTER.match(text[start - 1]):
+            continue
+        pieces += [text[end:start], _SPECIAL_TEXT.sub("<" + _HIDE, run.group())]
+        end = run.end()
+    return "".join(pieces) + text[end:]
+
+
+def saved_normalizer() -> normalizers.Normalizer:
+    """The normalizer written to `tokenizer.json`: the original's cleaning as far as `tokenizers` can express it."""
+    return normalizers.Sequence(
+        [
+            normalizers.Replace(_HIDE, ""),
+            normalizers.NFC(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+            normalizers.Lowercase(),
+        ]
+    )
 
 
 @lru_cache(maxsize=1)
@@ -118,10 +169,11 @@ class RWKVCLIPTokenizer(TokenizersBackend):
         backend = Tokenizer(
             BPE(vocab=dict(vocab), merges=merges, end_of_word_suffix="</w>", unk_token=str(unk_token), fuse_unk=False)
         )
-        backend.normalizer = None  # cleaning happens in Python, see the module docstring
+        # cleaning happens in Python, see the module docstring; the backend only deletes the hiding marker
+        backend.normalizer = normalizers.Replace(_HIDE, "")
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex("(?i)" + SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.Split(Regex("(?i)" + SPECIAL_SPLIT_PATTERN), behavior="removed", invert=True),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
@@ -129,9 +181,9 @@ class RWKVCLIPTokenizer(TokenizersBackend):
             [decoders.ByteLevel(), decoders.Replace("</w>", " "), decoders.Strip(" ", 0, 1)]
         )
         self._tokenizer = backend
-        # Special tokens are never looked for in the text: the original splits "<end_of_text>" typed in a
-        # caption like any other characters.
-        kwargs["split_special_tokens"] = True
+        # The original recognises the special texts in a caption (module docstring); saved configs of earlier
+        # versions say otherwise.
+        kwargs["split_special_tokens"] = False
         super().__init__(
             bos_token=AddedToken(bos_token, special=True) if isinstance(bos_token, str) else bos_token,
             eos_token=AddedToken(eos_token, special=True) if isinstance(eos_token, str) else eos_token,
@@ -145,6 +197,7 @@ class RWKVCLIPTokenizer(TokenizersBackend):
             pair=f"{self.bos_token} $A {self.eos_token} $B:1 {self.eos_token}:1",
             special_tokens=[(self.bos_token, self.bos_token_id), (self.eos_token, self.eos_token_id)],
         )
+        self._tokenizer = _only_text_markers_added(self._tokenizer, (str(self.bos_token), str(self.eos_token)))
 
     def _get_padding_truncation_strategies(self, padding=False, truncation=None, max_length=None, **kwargs):
         # The original always cut captions to the context length; keep that unless the caller says otherwise.
@@ -153,6 +206,18 @@ class RWKVCLIPTokenizer(TokenizersBackend):
         return super()._get_padding_truncation_strategies(
             padding=padding, truncation=truncation, max_length=max_length, **kwargs
         )
+
+    def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
+        file_names = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        # tokenizer.json for readers without this class: the cleaning that `tokenizers` can express (module doc)
+        tokenizer_file = next(name for name in file_names if str(name).endswith("tokenizer.json"))
+        saved = Tokenizer.from_file(str(tokenizer_file))
+        saved.normalizer = saved_normalizer()
+        data = json.loads(saved.to_str())
+        for token in data["added_tokens"]:
+            token["normalized"] = True  # matched after the lower-casing, as the original does
+        Path(tokenizer_file).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        return file_names
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         # The pad id 0 is also the text symbol "!", so padding is recognised by position (before the start
@@ -200,12 +265,28 @@ class RWKVCLIPTokenizer(TokenizersBackend):
         return BatchEncoding(data, output.encodings, tensor_type=return_tensors)
 
 
+def _only_text_markers_added(backend: Tokenizer, specials: tuple[str, ...]) -> Tokenizer:
+    # transformers adds every special token to the backend's added vocabulary, the pad "!" too; matched in the
+    # text, it would cut every "!" out of its BPE word. Only the start / end texts are matched.
+    fresh = Tokenizer(backend.model)
+    fresh.normalizer = backend.normalizer
+    fresh.pre_tokenizer = backend.pre_tokenizer
+    fresh.post_processor = backend.post_processor
+    fresh.decoder = backend.decoder
+    fresh.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    fresh.encode_special_tokens = False
+    return fresh
+
+
 def _clean_inputs(text, is_split_into_words: bool):
     if isinstance(text, str):
-        return clean_text(text)
+        return hide_unrecognised_special_texts(clean_text(text))
     if isinstance(text, (list, tuple)):
         return [_clean_inputs(item, is_split_into_words) for item in text]
     return text  # not text: the base class raises its usual error
 
+
+# saving writes this module and the `auto_map` entry next to the files (remote code, see remote_code_rwkv_clip)
+RWKVCLIPTokenizer.register_for_auto_class()
 
 __all__ = ["RWKVCLIPTokenizer", "bytes_to_unicode", "clean_text"]

@@ -34,15 +34,27 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 _MAX_LOG_RATE = 80.0
 
 
+def _build_between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    index = torch.arange(size, device=device)
+    t, i, j = index[:, None, None], index[None, :, None], index[None, None, :]
+    inside = (j > torch.minimum(t, i)) & (j < torch.maximum(t, i))
+    return inside.to(dtype).reshape(size * size, size)
+
+
 @functools.lru_cache(maxsize=32)
-def _between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`(size * size, size)` 0/1 matrix: row (t, i) selects the tokens j strictly between t and i."""
+def _cached_between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # cached across calls, so never an inference tensor: autograd must be able to save it later
     with torch.inference_mode(False):
-        index = torch.arange(size, device=device)
-        t, i, j = index[:, None, None], index[None, :, None], index[None, None, :]
-        inside = (j > torch.minimum(t, i)) & (j < torch.maximum(t, i))
-        return inside.to(dtype).reshape(size * size, size)
+        return _build_between_selector(size, dtype, device)
+
+
+def _between_selector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`(size * size, size)` 0/1 matrix: row (t, i) selects the tokens j strictly between t and i."""
+    tracing = torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", bool)()
+    if tracing or not isinstance(size, int):
+        # traced (a symbolic size is unhashable): built inside the graph, from the same integer ops
+        return _build_between_selector(size, dtype, device)
+    return _cached_between_selector(size, dtype, device)
 
 
 def _directional_states(kv: torch.Tensor, chunk_decay: torch.Tensor) -> torch.Tensor:
