@@ -14,6 +14,8 @@ Paths:
     * `naive_bi_wkv`: two explicit recurrences, a loop over tokens (reference, slow).
     * `chunk_bi_wkv`: chunked, linear time, exact and overflow-free for any decay (the PyTorch path).
     * the prebuilt kernel (CPU and CUDA, `cuda/` in the repository), loaded from the kernel hub by `kernel.py`.
+    * `triton_op.triton_bi_wkv`: Triton kernels for GPUs (NVIDIA, AMD, Intel), and for CPU tensors under the
+      Triton interpreter (`TRITON_INTERPRET=1`); `backend="triton"`.
 """
 
 import torch
@@ -43,7 +45,9 @@ def bi_wkv(
         backend: `"torch"` (the chunked PyTorch path), `"kernel"` (the prebuilt kernel; raises
             `KernelUnavailableError` when it cannot be loaded for the tensors' device) or `"auto"` (the kernel
             when it loads, else the PyTorch path, logging the reason once). Float64 inputs always take the
-            PyTorch path under `"auto"` (the CUDA kernel computes in float32).
+            PyTorch path under `"auto"` (the CUDA kernel computes in float32). `"triton"`: the Triton kernels
+            (`triton_op.triton_bi_wkv`; float32, bfloat16 and float16 inputs; raises when triton cannot run on
+            the tensors' device, see `triton_op.triton_available`).
         kernel_repo: kernel-hub repo id of the kernel (default: $RWKV_CLIP_BI_WKV_KERNEL_REPO or
             `kernel.DEFAULT_KERNEL_REPO`).
 
@@ -58,8 +62,14 @@ def bi_wkv(
             raise ValueError(f"bi_wkv: {name} has shape {tuple(tensor.shape)}, expected {tuple(r.shape)} like r")
     if u.shape != r.shape[2:]:
         raise ValueError(f"bi_wkv: u has shape {tuple(u.shape)}, expected (heads, head_size) = {tuple(r.shape[2:])}")
+    # --- the Triton path (triton_op.py): only when asked for by name; "auto" does not choose it (yet)
+    if backend == "triton":
+        from .triton_op import triton_bi_wkv
+
+        return triton_bi_wkv(r, k, v, w, u)
+    # ---
     if backend not in BACKENDS:
-        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"bi_wkv: backend must be one of {BACKENDS + ('triton',)}, got {backend!r}")
     if r.shape[1] == 0:
         return torch.zeros_like(r)
     float64 = torch.float64 in (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
