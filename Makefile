@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all demo default-model bench bench-bi-wkv bench-train clean
+.PHONY: install kernels kernels-check kernels-cuda kernels-cuda-check gpu-check test test-all demo default-model bench bench-bi-wkv bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 # The Bi-WKV kernel (cuda/): the CPU variant into cuda/build/<variant>/ (about a minute on 2 cores; a no-op
-# when up to date). kernels-cuda needs a CUDA build of torch; kernels-cuda-check only compiles the CUDA sources
+# when up to date) and the Triton variants (Python, the package's Triton Bi-WKV) into cuda/build/torch-{cuda,rocm,xpu}/. kernels-cuda needs a CUDA build of torch; kernels-cuda-check only compiles the CUDA sources
 # with nvcc (no CUDA torch needed). CI builds and tests the CPU variant only.
 MAX_JOBS ?= 2
 kernels: $(STAMP)
-	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cpu
+	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cpu triton
 
 kernels-cuda: $(STAMP)
 	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cuda
@@ -29,9 +29,15 @@ kernels-cuda: $(STAMP)
 kernels-cuda-check: $(STAMP)
 	$(PY) cuda/build.py --cuda-compile-only
 
+# The kernel hub's rules on the built variants (cuda/check_hub_rules.py): the flattened layout with its
+# compatibility package, metadata.json with the files' digest, no OpenMP runtime linked, no glibc symbol newer
+# than 2.28 (readelf). Part of `make test` (also as tests/ops/test_kernel_build.py).
+kernels-check: kernels
+	$(PY) cuda/check_hub_rules.py
+
 # The test command of README.md and CI: offline, CPU only, with the CPU kernel built and required.
 # The tests find the build through LOCAL_KERNELS=<repo id>=cuda/ (tests/ops/test_bi_wkv_kernel.py).
-test: $(STAMP) kernels
+test: $(STAMP) kernels kernels-check
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Also the tests marked slow.

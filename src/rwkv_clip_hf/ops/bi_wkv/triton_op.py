@@ -32,6 +32,8 @@ import sys
 import torch
 
 
+# the torch.library namespace of the ops; cuda/build.py gives the kernel-hub copy of this file its own
+OP_NAMESPACE = "rwkv_clip_hf"
 BLOCK_T = 16  # tokens per chunk; tl.dot needs tiles of at least 16
 MAX_HEAD_SIZE = 128
 _MAX_LOG_RATE = 80.0  # as in chunk.py: w > 80 already means decay exactly 0, and exp stays finite
@@ -130,7 +132,7 @@ def _forward(r, k, v, w, u) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("rwkv_clip_hf::triton_bi_wkv", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::triton_bi_wkv", mutates_args=())
 def _triton_bi_wkv_op(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
@@ -145,7 +147,7 @@ def _(r, k, v, w, u):
     return torch.empty_like(r, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rwkv_clip_hf::triton_bi_wkv_backward", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::triton_bi_wkv_backward", mutates_args=())
 def _triton_bi_wkv_backward_op(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, grad_y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
