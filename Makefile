@@ -61,6 +61,13 @@ bench: $(STAMP) kernels
 bench-bi-wkv: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_bi_wkv.py --quick
 
+# One command for a machine with a GPU (a CUDA build of torch, triton, nvcc): builds the CUDA and Triton variants,
+# runs the CUDA and Triton tests natively (no interpreter), checks every Bi-WKV path against float64 and times it
+# (CUDA kernel, Triton, chunked PyTorch, the original design), then RWKV-CLIP's vision tower with each path against
+# transformers' CLIP at 224/448/896/1792 px; prints one table. Stops itself within 8 minutes.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 timeout 470 $(PY) benchmarks/bench_bi_wkv.py --gpu-check
+
 bench-train: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_train.py
 
