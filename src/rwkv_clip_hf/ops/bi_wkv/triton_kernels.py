@@ -1,7 +1,10 @@
 """The Triton kernels of the Bi-WKV (see `triton_op.py`, which imports this module on first use only)."""
 
-import triton
-import triton.language as tl
+try:  # imported only through triton_op, after it checked for triton (a try block for transformers' import check)
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton Bi-WKV needs triton") from error
 
 
 @triton.jit

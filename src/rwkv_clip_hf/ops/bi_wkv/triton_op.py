@@ -75,11 +75,13 @@ def triton_available(device_type: str) -> bool:
 @functools.cache
 def _kernels():
     """triton and the jitted kernels, imported on first use so that importing this module never imports triton."""
-    import triton
+    try:  # (a try block: transformers' remote-code import check does not require triton for the model)
+        import triton
 
-    from . import triton_kernels
-
-    return triton, triton_kernels.forward_kernel, triton_kernels.backward_kernel
+        from .triton_kernels import backward_kernel, forward_kernel
+    except ImportError as error:
+        raise RuntimeError(f"triton_bi_wkv: triton cannot be imported: {error}") from error
+    return triton, forward_kernel, backward_kernel
 
 
 def _blocks(head_size: int) -> tuple[int, int]:
