@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # use it without the Hub; without a build, the models fall back to the PyTorch path.
 export LOCAL_KERNELS ?= rwkv-clip-hf/bi-wkv=$(CURDIR)/cuda
 
-.PHONY: install kernels kernels-cuda kernels-cuda-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
+.PHONY: install kernels kernels-check kernels-cuda kernels-cuda-check gpu-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 # The Bi-WKV kernel (cuda/): the CPU variant into cuda/build/<variant>/ (about a minute on 2 cores; a no-op
-# when up to date). kernels-cuda needs a CUDA build of torch; kernels-cuda-check only compiles the CUDA sources
+# when up to date) and the Triton variants (Python, the package's Triton Bi-WKV) into cuda/build/torch-{cuda,rocm,xpu}/. kernels-cuda needs a CUDA build of torch; kernels-cuda-check only compiles the CUDA sources
 # with nvcc (no CUDA torch needed). CI builds and tests the CPU variant only.
 MAX_JOBS ?= 2
 kernels: $(STAMP)
-	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cpu
+	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cpu triton
 
 kernels-cuda: $(STAMP)
 	MAX_JOBS=$(MAX_JOBS) $(PY) cuda/build.py --backend cuda
@@ -32,9 +32,15 @@ kernels-cuda: $(STAMP)
 kernels-cuda-check: $(STAMP)
 	$(PY) cuda/build.py --cuda-compile-only
 
+# The kernel hub's rules on the built variants (cuda/check_hub_rules.py): the flattened layout with its
+# compatibility package, metadata.json with the files' digest, no OpenMP runtime linked, no glibc symbol newer
+# than 2.28 (readelf). Part of `make test` (also as tests/ops/test_kernel_build.py).
+kernels-check: kernels
+	$(PY) cuda/check_hub_rules.py
+
 # The test command of README.md and CI: offline, CPU only, with the CPU kernel built and required.
 # The tests find the build through LOCAL_KERNELS (above; tests/conftest.py sets the same default).
-test: $(STAMP) kernels
+test: $(STAMP) kernels kernels-check
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Also the tests marked slow.
@@ -61,6 +67,13 @@ bench: $(STAMP) kernels
 
 bench-bi-wkv: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_bi_wkv.py --quick
+
+# One command for a machine with a GPU (a CUDA build of torch, triton, nvcc): builds the CUDA and Triton variants,
+# runs the CUDA and Triton tests natively (no interpreter), checks every Bi-WKV path against float64 and times it
+# (CUDA kernel, Triton, chunked PyTorch, the original design), then RWKV-CLIP's vision tower with each path against
+# transformers' CLIP at 224/448/896/1792 px; prints one table. Stops itself within 8 minutes.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 timeout 470 $(PY) benchmarks/bench_bi_wkv.py --gpu-check
 
 bench-train: $(STAMP) kernels
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_train.py

@@ -5,6 +5,7 @@ float64 recurrence (forward and every gradient) before it is timed.
 
     python benchmarks/bench_bi_wkv.py --quick     # batch 2, fewer repeats
     python benchmarks/bench_bi_wkv.py             # batch 8
+    python benchmarks/bench_bi_wkv.py --gpu-check # `make gpu-check`: build, native tests and benchmarks on a GPU
 
 Needs the kernel built (`make kernels`; `make kernels-cuda` on a GPU machine); it is found through
 LOCAL_KERNELS like in the tests. Widths of B/32 and B/16 (identical towers): text 10 heads of 64, image 8 heads
@@ -14,6 +15,7 @@ of 80. Times are medians in milliseconds.
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -240,7 +242,9 @@ def check_original_design(original, repeats=1):
                 error = ((value.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
                 worst = max(worst, error)
                 if error > 1e-4:
-                    raise AssertionError(f"original-design {name} wrong at T={seq_len}, N={size}: relative error {error:.2e}")
+                    raise AssertionError(
+                        f"original-design {name} wrong at T={seq_len}, N={size}: relative error {error:.2e}"
+                    )
     print(f"original-design reference checked against float64 (forward and backward): max relative error {worst:.1e}")
 
 
@@ -253,7 +257,10 @@ def bench_cuda(batch, repeats):
 
     kernel = load_kernel("cuda")
     original = load_inline(
-        "bi_wkv_original_design", cpp_sources="", cuda_sources=ORIGINAL_DESIGN_CUDA, functions=ORIGINAL_DESIGN_FUNCTIONS
+        "bi_wkv_original_design",
+        cpp_sources="",
+        cuda_sources=ORIGINAL_DESIGN_CUDA,
+        functions=ORIGINAL_DESIGN_FUNCTIONS,
     )
     check_original_design(original)
     name = torch.cuda.get_device_name()
@@ -291,12 +298,260 @@ def bench_cuda(batch, repeats):
                 )
 
 
+# ------------------------------------------------------------------------------------------------ make gpu-check
+
+
+class CheckTable:
+    """The one table `make gpu-check` prints: a row per build, test run, accuracy and timing."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, section, item, config, value):
+        self.rows.append((section, item, config, value))
+        print(f"  {section} | {item} | {config} | {value}", flush=True)
+
+    def print(self, title):
+        widths = [
+            max(len(str(row[i])) for row in self.rows + [("check", "item", "config", "result")]) for i in range(4)
+        ]
+        line = lambda row: " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths))  # noqa: E731
+        print(
+            f"\n{title}\n" + line(("check", "item", "config", "result")) + "\n" + "-+-".join("-" * w for w in widths)
+        )
+        for row in self.rows:
+            print(line(row))
+
+
+def _run_step(table, section, item, command, timeout, env=None):
+    """Run a build or test command; one table row with its outcome (pytest's summary line, or the error)."""
+    started = time.time()
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+    except subprocess.TimeoutExpired:
+        table.add(section, item, "", f"TIMED OUT after {timeout} s")
+        return False
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    summary = next(
+        (line for line in reversed(lines) if " passed" in line or " failed" in line), lines[-1] if lines else ""
+    )
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+    table.add(section, item, f"{time.time() - started:.0f} s", f"{status}: {summary.strip('= ')}"[:150])
+    if result.returncode != 0:
+        print("\n".join(lines[-40:]))
+    return result.returncode == 0
+
+
+def _max_rel_error(fn, xs, dy):
+    """Largest relative error of the output and of every gradient against autograd through the float64 recurrence."""
+    from rwkv_clip_hf.ops.bi_wkv import naive_bi_wkv
+
+    exact = [x.detach().cpu().double().requires_grad_() for x in xs]
+    y64 = naive_bi_wkv(*exact)
+    expected = [y64, *torch.autograd.grad(y64, exact, dy.cpu().double())]
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    y = fn(*leaves)
+    got = [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+    return max(
+        ((a.detach().cpu().double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(got, expected)
+    )
+
+
+def _rwkv_vision_tower(backend, device):
+    from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPVisionModel
+    from rwkv_clip_hf.modeling_rwkv_clip import RWKVCLIPTokenMix
+
+    torch.manual_seed(0)
+    model = RWKVCLIPVisionModel(RWKVCLIPConfig.from_preset("B/32").vision_config).to(device).eval()
+    for module in model.modules():
+        if isinstance(module, RWKVCLIPTokenMix):
+            module.bi_wkv_backend = lambda backend=backend: backend  # the Bi-WKV implementation under test
+    return model
+
+
+def gpu_check(smoke=False):
+    """`make gpu-check`: on a GPU, build the CUDA variant, run the CUDA and Triton tests natively, check every
+    Bi-WKV path against float64 and time it (CUDA kernel, Triton, chunked PyTorch, the original design), then
+    RWKV-CLIP's vision tower with each path against transformers' CLIP at 224-1792 px. `smoke`: tiny shapes on
+    the CPU (Triton under the interpreter), to check the script itself without a GPU."""
+    from rwkv_clip_hf.ops.bi_wkv import bi_wkv
+    from rwkv_clip_hf.ops.bi_wkv.kernel import KernelUnavailableError, clear_cache
+    from rwkv_clip_hf.ops.bi_wkv.triton_op import triton_available
+
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("gpu-check: torch sees no GPU (torch.cuda.is_available() is False); it needs a CUDA build of torch")
+    started = time.time()
+    table = CheckTable()
+    name = "CPU (smoke run, Triton interpreted)" if smoke else torch.cuda.get_device_name()
+    sync = (lambda: None) if smoke else torch.cuda.synchronize
+    print(f"gpu-check on {name}, torch {torch.__version__}", flush=True)
+
+    if not smoke:
+        jobs = str(min(16, os.cpu_count() or 2))
+        _run_step(
+            table,
+            "build",
+            "CUDA + Triton variants",
+            [sys.executable, "cuda/build.py", "--backend", "cuda", "triton"],
+            300,
+            {"MAX_JOBS": jobs},
+        )
+        _run_step(table, "build", "hub rules", [sys.executable, "cuda/check_hub_rules.py"], 60)
+        pytest = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+        env = {"RWKV_CLIP_REQUIRE_KERNEL": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "0"}
+        _run_step(table, "tests", "CUDA kernel", pytest + ["tests/ops/test_bi_wkv_kernel.py", "-k", "cuda"], 240, env)
+        _run_step(
+            table,
+            "tests",
+            "Triton (native)",
+            pytest + ["tests/ops/test_bi_wkv_triton.py", "tests/ops/test_kernel_build.py", "-k", "triton"],
+            240,
+            env,
+        )
+        clear_cache()
+
+    paths = {"torch (chunked)": lambda *xs: bi_wkv(*xs, backend="torch")}
+    try:
+        bi_wkv(*inputs(1, 2, 1, 16, device), backend="kernel")
+        paths["CUDA kernel" if not smoke else "CPU kernel"] = lambda *xs: bi_wkv(*xs, backend="kernel")
+    except KernelUnavailableError as error:
+        table.add("bi-wkv", "kernel", device, f"UNAVAILABLE: {error}"[:150])
+    if triton_available(device):
+        paths["Triton"] = lambda *xs: bi_wkv(*xs, backend="triton")
+    else:
+        table.add("bi-wkv", "Triton", device, "UNAVAILABLE: triton cannot run here")
+    if not smoke:
+        from torch.utils.cpp_extension import load_inline
+
+        try:
+            original = load_inline(
+                "bi_wkv_original_design",
+                cpp_sources="",
+                cuda_sources=ORIGINAL_DESIGN_CUDA,
+                functions=ORIGINAL_DESIGN_FUNCTIONS,
+            )
+
+            class _OriginalDesign(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, r, k, v, w, u):
+                    ctx.save_for_backward(r, k, v, w, u)
+                    return original.original_design(r, k, v, w, u)
+
+                @staticmethod
+                def backward(ctx, dy):
+                    return tuple(original.original_design_backward(*ctx.saved_tensors, dy.contiguous()))
+
+            paths["original design"] = _OriginalDesign.apply
+        except Exception as error:  # a benchmark row, not a crash
+            table.add("bi-wkv", "original design", device, f"UNAVAILABLE: {type(error).__name__}: {error}"[:150])
+
+    # accuracy: forward and every gradient against the float64 recurrence, mixed decays (w from -20 to 10)
+    for label, (heads, size) in WIDTHS.items():
+        seq_len = 20 if smoke else 77
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(1 if smoke else 2, seq_len, heads, size, generator=g) for _ in range(3)]
+        xs.append(-20.0 + 30.0 * torch.rand(xs[0].shape, generator=g))
+        xs.append(torch.randn(heads, size, generator=g))
+        xs = [x.to(device) for x in xs]
+        dy = torch.randn(xs[0].shape, generator=g).to(device)
+        for path, fn in paths.items():
+            table.add(
+                "accuracy",
+                path,
+                f"{label}, T={seq_len}, fp32",
+                f"max rel. error {_max_rel_error(fn, xs, dy):.1e} (y, dr, dk, dv, dw, du)",
+            )
+
+    # timing: medians in ms, forward and forward + backward
+    seq_lens = (49,) if smoke else (49, 77, 196, 577, 1024, 4096)
+    batch, repeats = (1, 1) if smoke else (32, 10)
+    for label, (heads, size) in list(WIDTHS.items())[:1] if smoke else WIDTHS.items():
+        for seq_len in seq_lens:
+            b = max(1, batch * 196 // seq_len) if seq_len > 196 else batch
+            for dtype in (torch.float32,) if smoke else (torch.float32, torch.bfloat16):
+                xs = [x.to(dtype) if i < 4 else x for i, x in enumerate(inputs(b, seq_len, heads, size, device))]
+                for path, fn in paths.items():
+                    if smoke and path == "Triton":
+                        continue  # interpreted: checked above, timing it would mean nothing
+                    if path == "original design" and dtype != torch.float32:
+                        continue
+                    if path == "torch (chunked)" and seq_len > 1024:
+                        continue  # its intra-chunk tensor makes it slow and large there
+                    with torch.no_grad():
+                        t_fwd = timed(lambda: fn(*xs), repeats, sync)
+                    gx = [x.detach().clone().requires_grad_() for x in xs]
+                    t_both = timed(fwd_bwd(fn, gx), repeats, sync)
+                    dt = str(dtype)[6:]
+                    table.add(
+                        "bi-wkv ms",
+                        path,
+                        f"{label}, T={seq_len}, batch {b}, {dt}",
+                        f"fwd {t_fwd:.3f}, fwd+bwd {t_both:.3f}",
+                    )
+        if time.time() - started > 330 and not smoke:
+            table.add("bi-wkv ms", "(stopped)", "", "time budget: remaining widths skipped")
+            break
+
+    # towers: images/s of the vision tower, forward, fp32, RWKV-CLIP B/32 with each Bi-WKV path against CLIP ViT-B/32
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    clip = (
+        CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=32) if smoke else CLIPVisionConfig())
+        .to(device)
+        .eval()
+    )
+    towers = {"transformers CLIP": clip}
+    backends = {"torch (chunked)": "torch", "CUDA kernel": "kernel", "CPU kernel": "kernel", "Triton": "triton"}
+    for path in paths:
+        if path in backends and not (smoke and path == "Triton"):
+            towers[f"RWKV-CLIP, {path}"] = _rwkv_vision_tower(backends[path], device)
+    for px in (64,) if smoke else (224, 448, 896, 1792):
+        if time.time() - started > 420 and not smoke:
+            table.add("towers img/s", "(stopped)", f"{px}px", "time budget: larger sizes skipped")
+            break
+        b = 1 if smoke else max(1, int(32 * (224 / px) ** 2))
+        pixels = torch.randn(b, 3, px, px, device=device)
+        for tower_name, model in towers.items():
+            kwargs = (
+                {"interpolate_pos_encoding": True} if "CLIP" in tower_name and px != model.config.image_size else {}
+            )
+            with torch.no_grad():
+                try:
+                    ms = timed(lambda: model(pixel_values=pixels, **kwargs), 1 if smoke else 5, sync)
+                    table.add(
+                        "towers img/s",
+                        tower_name,
+                        f"{px}px, batch {b}, fp32",
+                        f"{b / (ms * 1e-3):.1f} img/s ({ms:.1f} ms)",
+                    )
+                except Exception as error:  # e.g. out of memory at 1792 px
+                    table.add(
+                        "towers img/s",
+                        tower_name,
+                        f"{px}px, batch {b}",
+                        f"FAILED: {type(error).__name__}: {error}"[:150],
+                    )
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+    table.print(f"gpu-check on {name}: {time.time() - started:.0f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats on the CPU")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--gpu-check", action="store_true", help="what `make gpu-check` runs (needs a GPU)")
+    parser.add_argument("--smoke", action="store_true", help="with --gpu-check: tiny shapes on the CPU, no GPU needed")
     args = parser.parse_args()
+    if args.gpu_check:
+        gpu_check(smoke=args.smoke)
+        return
     batch = args.batch or (2 if args.quick else 8)
     bench_cpu(batch, 3 if args.quick else 10)
     if torch.cuda.is_available() and not args.cpu_only:

@@ -6,6 +6,10 @@ import torch
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton Bi-WKV is tested under Triton's interpreter, which must be on before triton is first
+# imported (torch._dynamo imports it): tests/ops/test_bi_wkv_triton.py
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 # The Bi-WKV kernel that `make kernels` built in this checkout, under its Hub repo id (`kernels`' LOCAL_KERNELS):
 # the package itself never looks for a source checkout.

@@ -358,6 +358,8 @@ def test_trust_remote_code_without_the_package(tmp_path, model, monkeypatch):
         "bi_wkv.py",
         "bi_wkv_chunk.py",
         "bi_wkv_kernel.py",
+        "bi_wkv_triton_op.py",
+        "bi_wkv_triton_kernels.py",
     ):
         assert (model_dir / name).is_file(), name
     inputs = {"input_ids": torch.tensor([[BOS, 4, 9, EOS]]), "pixel_values": torch.randn(2, 3, 40, 32)}

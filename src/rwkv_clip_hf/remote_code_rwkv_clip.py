@@ -46,11 +46,17 @@ _REMOTE_CODE_FILES = {
             "from .chunk import": "from .bi_wkv_chunk import",
             "from .kernel import": "from .bi_wkv_kernel import",
             "from .naive import": "from .bi_wkv_naive import",
+            "from .triton_op import": "from .bi_wkv_triton_op import",
         },
     ),
     "bi_wkv_chunk.py": ("ops/bi_wkv/chunk.py", {}),
     "bi_wkv_kernel.py": ("ops/bi_wkv/kernel.py", {}),
     "bi_wkv_naive.py": ("ops/bi_wkv/naive.py", {}),
+    "bi_wkv_triton_op.py": (
+        "ops/bi_wkv/triton_op.py",
+        {"from .triton_kernels import": "from .bi_wkv_triton_kernels import"},
+    ),
+    "bi_wkv_triton_kernels.py": ("ops/bi_wkv/triton_kernels.py", {}),
 }
 
 
@@ -61,6 +67,11 @@ def _loaded_flat_module_file(target: str) -> Path:
     for name, module in list(sys.modules.items()):
         if name.rsplit(".", 1)[-1] == stem and getattr(module, "__file__", None):
             candidates.append(Path(module.__file__))
+    # a file imported lazily (the Triton Bi-WKV) is not loaded: look beside the flattened files that are
+    flat_stems = {flat.removesuffix(".py") for flat in _REMOTE_CODE_FILES}
+    for name, module in list(sys.modules.items()):
+        if name.rsplit(".", 1)[-1] in flat_stems and getattr(module, "__file__", None):
+            candidates.append(Path(module.__file__).with_name(target))
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -76,7 +76,7 @@ def test_get_kernel_finds_the_local_build_by_repo_id(built):
     module = kernels.get_kernel(REPO_ID, version=1)
     assert module is built  # one variant, imported once
     assert callable(module.bi_wkv)
-    variant = Path(module.__file__).parents[1]
+    variant = Path(module.__file__).parent  # the flattened layout: build/<variant>/__init__.py
     metadata = json.loads((variant / "metadata.json").read_text())
     assert metadata["name"] == "bi-wkv" and metadata["version"] == 1 and metadata["id"] == module.__name__
     assert variant.name == _build_script().variant_name(metadata["backend"]["type"])

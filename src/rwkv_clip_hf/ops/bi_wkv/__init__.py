@@ -14,6 +14,8 @@ Paths:
     * `naive_bi_wkv`: two explicit recurrences, a loop over tokens (reference, slow).
     * `chunk_bi_wkv`: chunked, linear time, exact and overflow-free for any decay (the PyTorch path).
     * the prebuilt kernel (CPU and CUDA, `cuda/` in the repository), loaded from the kernel hub by `kernel.py`.
+    * `triton_op.triton_bi_wkv`: Triton kernels for GPUs (NVIDIA, AMD, Intel), and for CPU tensors under the
+      Triton interpreter (`TRITON_INTERPRET=1`); `backend="triton"`.
 """
 
 import torch
@@ -21,6 +23,7 @@ import torch
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_bi_wkv
 from .kernel import BACKENDS, KernelUnavailableError, check_backend, default_backend, kernel_module, resolve_kernel
 from .naive import naive_bi_wkv
+from .triton_op import triton_available
 
 
 def bi_wkv(
@@ -42,8 +45,11 @@ def bi_wkv(
             beyond float rounding).
         backend: `"torch"` (the chunked PyTorch path), `"kernel"` (the prebuilt kernel; raises
             `KernelUnavailableError` when it cannot be loaded for the tensors' device) or `"auto"` (the kernel
-            when it loads, else the PyTorch path, logging the reason once). Float64 inputs always take the
-            PyTorch path under `"auto"` (the CUDA kernel computes in float32).
+            when it loads; else, on a GPU where triton runs, the Triton kernels; else the PyTorch path, logging
+            the reason once). Float64 inputs always take the PyTorch path under `"auto"` (the CUDA kernel
+            computes in float32). `"triton"`: the Triton kernels
+            (`triton_op.triton_bi_wkv`; float32, bfloat16 and float16 inputs; raises when triton cannot run on
+            the tensors' device, see `triton_op.triton_available`).
         kernel_repo: kernel-hub repo id of the kernel (default: $RWKV_CLIP_BI_WKV_KERNEL_REPO or
             `kernel.DEFAULT_KERNEL_REPO`).
 
@@ -59,6 +65,10 @@ def bi_wkv(
     if u.shape != r.shape[2:]:
         raise ValueError(f"bi_wkv: u has shape {tuple(u.shape)}, expected (heads, head_size) = {tuple(r.shape[2:])}")
     check_backend(backend, "bi_wkv: backend")
+    if backend == "triton":
+        from .triton_op import triton_bi_wkv
+
+        return triton_bi_wkv(r, k, v, w, u)
     if r.shape[1] == 0:
         return torch.zeros_like(r)
     float64 = torch.float64 in (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
@@ -66,6 +76,11 @@ def bi_wkv(
         key = resolve_kernel(r.device.type, backend, kernel_repo)
         if key:
             return kernel_module(key).bi_wkv(r, k, v, w, u)
+        if backend == "auto" and r.device.type != "cpu" and triton_available(r.device.type):
+            # a GPU without the compiled CUDA variant: the Triton kernel (the interpreter on CPU is for tests only)
+            from .triton_op import triton_bi_wkv
+
+            return triton_bi_wkv(r, k, v, w, u)
     return chunk_bi_wkv(r, k, v, w, u, chunk_size=chunk_size)
 
 

@@ -31,9 +31,10 @@ DEFAULT_KERNEL_REPO = "rwkv-clip-hf/bi-wkv"
 KERNEL_VERSION = 1
 REPO_ENV = "RWKV_CLIP_BI_WKV_KERNEL_REPO"
 TRUST_ENV = "RWKV_CLIP_BI_WKV_TRUST_REMOTE_CODE"
-# "auto": the prebuilt kernel when it loads for the tensors' device, else the PyTorch path; "kernel": the prebuilt
-# kernel or KernelUnavailableError; "torch": the PyTorch path, never asking for a kernel.
-BACKENDS = ("auto", "kernel", "torch")
+# "auto": the prebuilt kernel when it loads for the tensors' device, else (on a GPU) the Triton kernels when triton
+# runs there, else the PyTorch path; "kernel": the prebuilt kernel or KernelUnavailableError; "torch": the PyTorch
+# path, never asking for a kernel; "triton": the Triton kernels (ops/bi_wkv/triton_op.py).
+BACKENDS = ("auto", "kernel", "torch", "triton")
 BACKEND_ENV = "RWKV_CLIP_KERNEL_BACKEND"
 _LEGACY_BACKEND_ENV = "RWKV_CLIP_BI_WKV_BACKEND"  # its earlier name, still read
 # device types the kernel is built for
@@ -152,7 +153,8 @@ def resolve_kernel(device_type: str, backend: str, repo_id: str | None = None) -
             _reported.add(reason)
             # on CPU the PyTorch path is the expected default of an installed package; on GPUs it costs more
             log = logger.warning if device_type == "cuda" else logger.info
-            log("%s Using the PyTorch chunked path instead.", error)
+            fallback = "the PyTorch chunked path" if device_type == "cpu" else "the Triton kernels or the PyTorch chunked path"
+            log("%s Using %s instead.", error, fallback)
         return ""
     return "\x00".join((kernel_repo_id(repo_id), device_type, os.environ.get("LOCAL_KERNELS", "")))
 
