@@ -139,6 +139,19 @@ def test_float64_gradcheck_of_the_cpu_kernel(built):
         assert torch.autograd.gradcheck(built.bi_wkv, inputs)
 
 
+@pytest.mark.parametrize("size", [4, 8, 12, 20, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay", ["mixed", "spikes"])
+def test_cpu_forward_paths_of_every_head_size(built, size, dtype, decay):
+    """The CPU forward's register tiles (head sizes a multiple of 8, read in place) and its row-by-row scan (other
+    sizes), over more than one block of tokens, against the float64 recurrence; float64 to float64 rounding."""
+    inputs = make_inputs(2, 37, 3, size, decay, seed=size)
+    reference = naive_bi_wkv(*inputs)
+    y = bi_wkv(*(x.to(dtype) for x in inputs), backend="kernel")
+    assert y.dtype == dtype
+    assert rel_err(y, reference) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(built, device, dtype):
