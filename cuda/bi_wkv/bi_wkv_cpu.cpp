@@ -460,7 +460,17 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& r, const at::Tensor
   });
 }
 
+// The hot loops' clone picked at run time contracts a * b + c into an FMA exactly when it is an AVX2 / AVX-512
+// one: with these inputs the FMA keeps the 2^-60 that a rounded product loses.
+volatile double fma_probe_a = 1.0 + 0x1p-30, fma_probe_c = -(1.0 + 0x1p-29);
+BI_WKV_CLONES double fma_probe() {
+  const double a = fma_probe_a, c = fma_probe_c;
+  return a * a + c;
+}
+
 }  // namespace
+
+bool hot_loops_use_fma() { return fma_probe() != 0.0; }
 
 at::Tensor forward_cpu(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                        const at::Tensor& u) {

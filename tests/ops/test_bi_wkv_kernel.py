@@ -139,6 +139,14 @@ def test_float64_gradcheck_of_the_cpu_kernel(built):
         assert torch.autograd.gradcheck(built.bi_wkv, inputs)
 
 
+def test_cpu_hot_loops_run_the_vector_clone_of_this_cpu(built):
+    """The hot loops are dispatched on CPU features: an AVX2 / AVX-512 machine runs an FMA clone, whatever its
+    vendor (clones keyed on CPU models, like arch=haswell, left AMD CPUs on the SSE2 baseline)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2 on this CPU")
+    assert built.ops.hot_loops_use_fma()
+
+
 @pytest.mark.parametrize("size", [4, 8, 12, 20, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("decay", ["mixed", "spikes"])
