@@ -37,6 +37,9 @@ inline void check_like(const at::Tensor& x, const at::Tensor& r, const char* nam
   TORCH_CHECK(x.is_contiguous(), "bi_wkv: ", name, " must be contiguous");
 }
 
+// whether the CPU hot loops run an FMA (AVX2 / AVX-512) clone: the run-time dispatch, for the tests
+bool hot_loops_use_fma();
+
 at::Tensor forward_cpu(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                        const at::Tensor& u);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(

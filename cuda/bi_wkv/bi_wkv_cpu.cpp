@@ -1,11 +1,14 @@
 // Bi-WKV on the CPU: parallel over batch x heads, (N, N) states per task.
 //
-// Per token and state row the work is a handful of contiguous length-N loops (axpys, element-wise updates,
-// few dot products), written so that the compiler vectorises them: the forward's rows run over the value
-// channels, the backward's over the key channels (value-major states, see bwd_token). The hot loops are compiled
-// for AVX-512, AVX2+FMA and the x86-64 baseline and picked at run time (GCC target_clones), so one
-// build runs everywhere. Inputs are gathered per task into contiguous accumulation-type buffers first,
-// so the hot code never sees the (B, T, H, N) strides or the storage dtype.
+// The forward (head sizes a multiple of 8) runs register tiles of the state over blocks of tokens, reading
+// float32 / float64 rows in place (fwd_tile_direction); other head sizes and the backward use a handful of
+// contiguous length-N loops per token and state row (axpys, element-wise updates, few dot products), written so
+// that the compiler vectorises them: the forward's rows run over the value channels, the backward's over the
+// key channels (value-major states, see bwd_token). The hot loops are compiled for AVX-512, AVX2+FMA and the
+// x86-64 baseline and picked at run time by the CPU's features (GCC target_clones on the x86-64-v4 / v3 ISA
+// levels; "arch=<cpu>" clones would be picked by CPU model and never run on AMD CPUs), so one build runs
+// everywhere. Otherwise inputs are gathered per task into contiguous accumulation-type buffers, so the hot
+// code never sees the (B, T, H, N) strides or the storage dtype.
 //
 // Math (ARCHITECTURE.md section 7), per (b, h), d_t = exp(-exp(w_t)):
 //   forward states  A_t = sum_{i<t} (prod_{i<j<t} d_j) k_i v_i^T      (the state before t)
@@ -28,7 +31,7 @@ namespace bi_wkv {
 namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BI_WKV_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define BI_WKV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BI_WKV_CLONES
 #endif
@@ -279,27 +282,141 @@ void scatter(const acc_t* src, scalar_t* dst, int64_t b, int64_t h, int64_t T_, 
   }
 }
 
+// The forward, register-blocked: for a tile of kRows key channels x one vector of value channels, the tile of
+// the state stays in vector registers for a whole sweep over the tokens, and y_t's slice of value channels is
+// read and written once per token and tile (instead of once per token and key channel). Each token costs
+// kRows x (2 FMA + 1 multiply) on registers plus broadcasts of r, k and the decay. Rows of r, k, v and y are read
+// in place with a token stride (no gathered copies for float32 / float64 inputs).
+template <class T>
+struct Vec {
+  static constexpr int kWidth = 32 / sizeof(T);  // 8 floats or 4 doubles: one AVX register
+  typedef T type __attribute__((vector_size(32)));
+  typedef T unaligned __attribute__((vector_size(32), aligned(alignof(T))));
+  static BI_WKV_INLINE type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static BI_WKV_INLINE void store(T* p, type x) { *reinterpret_cast<unaligned*>(p) = x; }
+};
+
+constexpr int kRows = 8;
+
+// Tokens per block of a sweep: a block's rows of r, k, v, the decays and y stay in L1 while every tile of the
+// state passes over them (a tile's state goes to memory only between blocks).
+constexpr int kTokenBlock = 16;
+
+// One direction: y[t, c0:c0+W] += sum over key channels d of r_t[d] S_t[d, c0:c0+W], tile by tile. For each y
+// element the key channels are summed in ascending order, like a row-by-row scan.
+template <class T>
+BI_WKV_INLINE void fwd_tile_direction(int T_, int n, int first, int step, const T* r, const T* k, const T* v,
+                                      const T* dd, int64_t stride, T* y, int64_t ystride, T* state) {
+  using V = Vec<T>;
+  using vec = typename V::type;
+  for (int i = 0; i < n * n; ++i) state[i] = 0;
+  for (int s0 = 0; s0 < T_; s0 += kTokenBlock) {
+    const int s1 = std::min(T_, s0 + kTokenBlock);
+    for (int c0 = 0; c0 < n; c0 += V::kWidth) {
+      for (int d0 = 0; d0 < n; d0 += kRows) {
+        T* tile = state + (size_t)d0 * n + c0;
+        vec S[kRows];
+        for (int i = 0; i < kRows; ++i) S[i] = V::load(tile + (size_t)i * n);
+        for (int s = s0; s < s1; ++s) {
+          const int64_t t = first + (int64_t)s * step;
+          const T* rt = r + t * stride + d0;
+          const T* kt = k + t * stride + d0;
+          const T* dt = dd + t * n + d0;
+          const vec vt = V::load(v + t * stride + c0);
+          T* yt = y + t * ystride + c0;
+          vec acc = V::load(yt);
+#pragma GCC unroll 8
+          for (int i = 0; i < kRows; ++i) {
+            acc += rt[i] * S[i];
+            S[i] = dt[i] * S[i] + kt[i] * vt;
+          }
+          V::store(yt, acc);
+        }
+        for (int i = 0; i < kRows; ++i) V::store(tile + (size_t)i * n, S[i]);
+      }
+    }
+  }
+}
+
+// Full forward of one (b, h): y = bonus, then both directions. r, k, v rows at `stride`, y rows at `ystride`,
+// decays dd contiguous (T, n).
+template <class T>
+BI_WKV_INLINE void fwd_tiled_impl(int T_, int n, const T* r, const T* k, const T* v, const T* dd, const T* u,
+                                  int64_t stride, T* y, int64_t ystride, T* state) {
+  for (int t = 0; t < T_; ++t) {
+    const T* rt = r + t * stride;
+    const T* kt = k + t * stride;
+    const T* vt = v + t * stride;
+    T* yt = y + t * ystride;
+    T bonus = 0;
+#pragma omp simd reduction(+ : bonus)
+    for (int d = 0; d < n; ++d) bonus += rt[d] * u[d] * kt[d];
+#pragma omp simd
+    for (int c = 0; c < n; ++c) yt[c] = bonus * vt[c];
+  }
+  fwd_tile_direction(T_, n, 0, 1, r, k, v, dd, stride, y, ystride, state);
+  fwd_tile_direction(T_, n, T_ - 1, -1, r, k, v, dd, stride, y, ystride, state);
+}
+
+BI_WKV_CLONES void fwd_tiled_f32(int T_, int n, const float* r, const float* k, const float* v, const float* dd,
+                                 const float* u, int64_t stride, float* y, int64_t ystride, float* state) {
+  fwd_tiled_impl<float>(T_, n, r, k, v, dd, u, stride, y, ystride, state);
+}
+BI_WKV_CLONES void fwd_tiled_f64(int T_, int n, const double* r, const double* k, const double* v, const double* dd,
+                                 const double* u, int64_t stride, double* y, int64_t ystride, double* state) {
+  fwd_tiled_impl<double>(T_, n, r, k, v, dd, u, stride, y, ystride, state);
+}
+inline void fwd_tiled(int T_, int n, const float* r, const float* k, const float* v, const float* dd, const float* u,
+                      int64_t stride, float* y, int64_t ystride, float* state) {
+  fwd_tiled_f32(T_, n, r, k, v, dd, u, stride, y, ystride, state);
+}
+inline void fwd_tiled(int T_, int n, const double* r, const double* k, const double* v, const double* dd,
+                      const double* u, int64_t stride, double* y, int64_t ystride, double* state) {
+  fwd_tiled_f64(T_, n, r, k, v, dd, u, stride, y, ystride, state);
+}
+
 template <class scalar_t>
 void forward_kernel(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                     const at::Tensor& u, at::Tensor& y) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const int64_t B = r.size(0), T_ = r.size(1), H = r.size(2), n = r.size(3);
   const scalar_t *rp = r.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
                  *wp = w.data_ptr<scalar_t>();
   const acc_t* up = u.data_ptr<acc_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
+  // the tiles need whole vectors and whole row tiles; other head sizes take the row-by-row scan
+  const bool tiled = n % Vec<acc_t>::kWidth == 0 && n % kRows == 0;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const size_t tn = (size_t)T_ * n;
-    std::vector<acc_t> buf(5 * tn + (size_t)n * n);
-    acc_t *rb = buf.data(), *kb = rb + tn, *vb = kb + tn, *db = vb + tn, *yb = db + tn, *S = yb + tn;
+    // decays, the state, and (unless the tiles read the inputs in place) gathered r, k, v and y
+    const bool in_place = kInPlace && tiled;
+    std::vector<acc_t> buf(tn + (size_t)n * n + (in_place ? 0 : 4 * tn));
+    acc_t *db = buf.data(), *S = db + tn;
+    acc_t *rb = S + (size_t)n * n, *kb = rb + tn, *vb = kb + tn, *yb = vb + tn;  // used unless in_place
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const int64_t head = (b * T_ * H + h) * n;  // offset of (b, 0, h, 0)
+      for (int64_t t = 0; t < T_; ++t) {
+        const scalar_t* wt = wp + head + t * H * n;
+        acc_t* dt = db + t * n;
+        for (int64_t d = 0; d < n; ++d) dt[d] = std::exp(-std::exp(static_cast<acc_t>(wt[d])));
+      }
+      if (in_place) {
+        // scalar_t is acc_t here; the casts only satisfy the other instantiations
+        fwd_tiled((int)T_, (int)n, reinterpret_cast<const acc_t*>(rp + head), reinterpret_cast<const acc_t*>(kp + head),
+                  reinterpret_cast<const acc_t*>(vp + head), db, up + h * n, H * n,
+                  reinterpret_cast<acc_t*>(yp + head), H * n, S);
+        continue;
+      }
       gather(rp, rb, b, h, T_, H, n);
       gather(kp, kb, b, h, T_, H, n);
       gather(vp, vb, b, h, T_, H, n);
-      gather(wp, db, b, h, T_, H, n);
-      for (size_t i = 0; i < tn; ++i) db[i] = std::exp(-std::exp(db[i]));
-      fwd_hot((int)T_, (int)n, rb, kb, vb, db, up + h * n, yb, S);
+      if (tiled) {
+        fwd_tiled((int)T_, (int)n, rb, kb, vb, db, up + h * n, n, yb, n, S);
+      } else {
+        fwd_hot((int)T_, (int)n, rb, kb, vb, db, up + h * n, yb, S);
+      }
       scatter(yb, yp, b, h, T_, H, n);
     }
   });
@@ -343,7 +460,17 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& r, const at::Tensor
   });
 }
 
+// The hot loops' clone picked at run time contracts a * b + c into an FMA exactly when it is an AVX2 / AVX-512
+// one: with these inputs the FMA keeps the 2^-60 that a rounded product loses.
+volatile double fma_probe_a = 1.0 + 0x1p-30, fma_probe_c = -(1.0 + 0x1p-29);
+BI_WKV_CLONES double fma_probe() {
+  const double a = fma_probe_a, c = fma_probe_c;
+  return a * a + c;
+}
+
 }  // namespace
+
+bool hot_loops_use_fma() { return fma_probe() != 0.0; }
 
 at::Tensor forward_cpu(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                        const at::Tensor& u) {

@@ -24,6 +24,8 @@ BI_WKV_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def(
       "backward(Tensor gy, Tensor r, Tensor k, Tensor v, Tensor w, Tensor u) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // whether the CPU hot loops run an AVX2 / AVX-512 (FMA) clone on this machine
+  m.def("hot_loops_use_fma() -> bool", &bi_wkv::hot_loops_use_fma);
 }
 
 BI_WKV_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

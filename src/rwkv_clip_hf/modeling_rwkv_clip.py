@@ -122,8 +122,13 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         delta = self._shift(x, grid_size) - x
         lora = torch.tanh(torch.addcmul(x, delta, self.time_maa_x) @ self.time_maa_w1)
         lora = lora.view(batch * seq_len, 5, self.mix_lora_rank).transpose(0, 1)
-        lora = torch.bmm(lora, self.time_maa_w2).view(5, batch, seq_len, dim)
-        mixed = torch.addcmul(x, delta, self.time_maa_wkvrg[:, None, None, :] + lora)
+        if torch.is_autocast_enabled(x.device.type):
+            # the low-rank product in low precision, the sum with time_maa_wkvrg in float32
+            mix = self.time_maa_wkvrg[:, None, :] + torch.bmm(lora.contiguous(), self.time_maa_w2)
+        else:
+            # time_maa_wkvrg + lora @ time_maa_w2 in one batched GEMM (the bias enters as its C matrix)
+            mix = torch.baddbmm(self.time_maa_wkvrg[:, None, :], lora, self.time_maa_w2)
+        mixed = torch.addcmul(x, delta, mix.view(5, batch, seq_len, dim))
         x_w, x_k, x_v, x_r, x_g = mixed.unbind(0)
 
         heads = (batch, seq_len, self.num_heads, self.head_size)

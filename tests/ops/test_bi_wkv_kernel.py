@@ -140,6 +140,27 @@ def test_float64_gradcheck_of_the_cpu_kernel(built):
         assert torch.autograd.gradcheck(built.bi_wkv, inputs)
 
 
+def test_cpu_hot_loops_run_the_vector_clone_of_this_cpu(built):
+    """The hot loops are dispatched on CPU features: an AVX2 / AVX-512 machine runs an FMA clone, whatever its
+    vendor (clones keyed on CPU models, like arch=haswell, left AMD CPUs on the SSE2 baseline)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2 on this CPU")
+    assert built.ops.hot_loops_use_fma()
+
+
+@pytest.mark.parametrize("size", [4, 8, 12, 20, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay", ["mixed", "spikes"])
+def test_cpu_forward_paths_of_every_head_size(built, size, dtype, decay):
+    """The CPU forward's register tiles (head sizes a multiple of 8, read in place) and its row-by-row scan (other
+    sizes), over more than one block of tokens, against the float64 recurrence; float64 to float64 rounding."""
+    inputs = make_inputs(2, 37, 3, size, decay, seed=size)
+    reference = naive_bi_wkv(*inputs)
+    y = bi_wkv(*(x.to(dtype) for x in inputs), backend="kernel")
+    assert y.dtype == dtype
+    assert rel_err(y, reference) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(built, device, dtype):
