@@ -2,7 +2,7 @@
 
 It is the yardstick of `convert_rwkv_clip_original.py --verify`: it reads the authors' state dict as it is
 (`image_model.layers.{i}.att.time_maa_w`, `...ffn.spatial_mix_k`, `text_model.blocks.{i}...`, bfloat16 text
-decays) and computes what ARCHITECTURE.md sections 2-7 specify with plain torch functions. It shares no code
+decays) and computes what docs/architecture.md sections 2-7 specify with plain torch functions. It shares no code
 with `rwkv_clip_hf`, so a mistake in the key mapping or in the package's modules shows up as a difference.
 
 Keys must already be free of the `module.` / `_orig_mod.` wrappers (see `normalize_keys` in the converter).

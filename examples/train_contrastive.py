@@ -74,7 +74,7 @@ TINY_CONFIG = {
                       "drop_path_rate": 0.0},
 }
 
-# The paper's recipe (ARCHITECTURE.md §9), as defaults of the TrainingArguments flags.
+# The paper's recipe (docs/architecture.md §9), as defaults of the TrainingArguments flags.
 PAPER_DEFAULTS = dict(
     learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, weight_decay=0.2,
     lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0, remove_unused_columns=False,

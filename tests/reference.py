@@ -1,4 +1,4 @@
-"""A deliberately simple float64 re-implementation of ARCHITECTURE.md sections 2-7, written for the tests.
+"""A deliberately simple float64 re-implementation of docs/architecture.md sections 2-7, written for the tests.
 
 It shares no code with the package: loops over tokens and channel groups, explicit formulas for the
 norms, and Bi-WKV straight from its definition. Parameters are read from a model's state dict by name.

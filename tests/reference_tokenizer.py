@@ -1,4 +1,4 @@
-"""A straightforward re-implementation of the original tokenizer from ARCHITECTURE.md §8, for the tests.
+"""A straightforward re-implementation of the original tokenizer from docs/architecture.md §8, for the tests.
 
 Pure Python, independent of the package: its own byte alphabet, its own BPE loop over merge ranks, the
 cleaning steps in the order of the spec. Slow, obviously correct.

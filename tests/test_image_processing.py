@@ -1,4 +1,4 @@
-"""RWKVCLIPImageProcessor against a torchvision-free reference of ARCHITECTURE.md §8 written here with PIL."""
+"""RWKVCLIPImageProcessor against a torchvision-free reference of docs/architecture.md §8 written here with PIL."""
 
 import numpy as np
 import pytest

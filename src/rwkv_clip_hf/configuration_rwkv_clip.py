@@ -200,7 +200,7 @@ class RWKVCLIPVisionConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         return self.image_size // self.patch_size
 
 
-# Presets of the released checkpoints (ARCHITECTURE.md section 1). B/16 differs only in the patch size.
+# Presets of the released checkpoints (docs/architecture.md section 1). B/16 differs only in the patch size.
 PRESETS = {
     "B/32": {"vision_config": {"patch_size": 32}},
     "B/16": {"vision_config": {"patch_size": 16}},

@@ -1,4 +1,4 @@
-"""Image processor of RWKV-CLIP: the original evaluation transform (ARCHITECTURE.md §8), pixel for pixel.
+"""Image processor of RWKV-CLIP: the original evaluation transform (docs/architecture.md §8), pixel for pixel.
 
 The original resizes the shorter side to 224 (bicubic), center-crops 224x224, converts to RGB, scales to
 [0, 1] and normalises with the OpenAI CLIP mean and std, using torchvision on PIL images.

@@ -45,7 +45,7 @@ def _target(offset: int, size: int) -> slice:
 def token_shift(
     hidden_states: torch.Tensor, grid_size: tuple[int, int], offsets: tuple[tuple[int, int], ...], head_size: int
 ) -> torch.Tensor:
-    """Each token's neighbours, per channel group (ARCHITECTURE.md section 4).
+    """Each token's neighbours, per channel group (docs/architecture.md section 4).
 
     Tokens `(batch, height * width, dim)` lie row-major on a `grid_size = (height, width)` grid (text: `(1, T)`).
     Each head's `head_size` channels are split into `len(offsets)` equal groups; group `g` of the output at
@@ -95,7 +95,7 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
         self._init_layer(config, layer_idx)
-        # which Bi-WKV implementation runs ("auto", "kernel", "torch"): set with `set_kernel_backend`
+        # which Bi-WKV implementation runs (ops.bi_wkv.BACKENDS): set with `set_kernel_backend`
         self.kernel_backend = default_backend()
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -382,9 +382,10 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
         """Choose the implementation of the custom ops (Bi-WKV) in every block of this model; returns the model.
 
         Args:
-            backend: `"auto"` (the prebuilt kernel when it loads for the tensors' device, else the exact PyTorch
-                path; the default), `"kernel"` (the prebuilt kernel, or `KernelUnavailableError`) or `"torch"`
-                (the PyTorch path, never asking for a kernel). New models start with $RWKV_CLIP_KERNEL_BACKEND,
+            backend: `"auto"` (the prebuilt kernel when it loads for the tensors' device, else on a GPU the Triton
+                kernels, else the exact PyTorch path; the default), `"kernel"` (the prebuilt kernel, or
+                `KernelUnavailableError`), `"torch"` (the PyTorch path, never asking for a kernel) or `"triton"`
+                (the Triton kernels). New models start with $RWKV_CLIP_KERNEL_BACKEND,
                 or `"auto"` when it is unset.
         """
         check_backend(backend)

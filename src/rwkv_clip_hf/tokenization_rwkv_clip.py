@@ -1,4 +1,4 @@
-"""Tokenizer of RWKV-CLIP: CLIP's byte-level BPE with the original text cleaning (ARCHITECTURE.md §8).
+"""Tokenizer of RWKV-CLIP: CLIP's byte-level BPE with the original text cleaning (docs/architecture.md §8).
 
 The ids are those of the original code: `[49406] + bpe(clean(text)) + [49407]`, cut to 77 with the last id
 forced to 49407, padded with id 0.

@@ -2,7 +2,7 @@
 
 * `ContrastiveTransform`: a `datasets` `set_transform` that turns rows with an image column and one or more
   caption columns into model inputs, lazily, choosing one caption per sample and step (the paper's text
-  augmentation, ARCHITECTURE.md §8).
+  augmentation, docs/architecture.md §8).
 * `ContrastiveCollator` / `classification_collator`: batch what the transforms produce.
 * `LogitScaleClampCallback`: clamps `logit_scale` to [0, ln 100] after every optimizer step.
 * `ContrastiveLoss`: the symmetric InfoNCE of CLIP training over the global batch of every rank
@@ -618,7 +618,7 @@ class RWKVCLIPTrainer(Trainer):
 
 
 def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
-    """`TrainingArguments` following the paper's recipe (ARCHITECTURE.md §9), any field overridable.
+    """`TrainingArguments` following the paper's recipe (docs/architecture.md §9), any field overridable.
 
     AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup (`warmup_steps=0.1`, a fraction) then cosine
     decay (the paper's OneCycle), gradient clipping at norm 1, bf16 autocast when the hardware has it, and

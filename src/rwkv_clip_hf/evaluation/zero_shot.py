@@ -1,4 +1,4 @@
-"""Zero-shot classification, as in the paper (ARCHITECTURE.md §8).
+"""Zero-shot classification, as in the paper (docs/architecture.md §8).
 
 For each class, every template is filled with the class name (and each of its synonyms, where a class has a
 list of names), embedded, L2-normalised; the mean is re-normalised and is the class weight. Logits are

@@ -12,7 +12,7 @@ The sequence is cut into chunks of `chunk_size` tokens.
   factors on either side of a chunk boundary are again sums over the tokens in between only.
 
 Every exponent is <= 0, so nothing overflows for any decay (a fully decayed channel gives exact zeros),
-and the cost is O(T * chunk_size * N + T * N^2 / chunk_size) per head: linear in T.
+and the cost is O(T * chunk_size^2 * N) for the between-sums plus O(T * N^2) for the states per head: linear in T.
 """
 
 import functools
@@ -95,7 +95,8 @@ def chunk_bi_wkv(
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
             x = x.to(dtype).transpose(1, 2)  # (B, H, T, N)
             if pad:
-                # Zero keys/values after the end contribute nothing; zero log-decay there is never "between".
+                # Zero keys/values after the end contribute nothing; the log-decay there (w = 0) is never "between" two
+                # real tokens.
                 x = F.pad(x, (0, 0, 0, pad))
             return x.reshape(batch, heads, num_chunks, size, head_size)
 
