@@ -95,8 +95,8 @@ def chunk_bi_wkv(
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
             x = x.to(dtype).transpose(1, 2)  # (B, H, T, N)
             if pad:
-                # Zero keys/values after the end contribute nothing; the log-decay there (w = 0) is never "between" two
-                # real tokens.
+                # Zero keys/values after the end contribute nothing; the log-decay there (w = 0) is never
+                # "between" two real tokens.
                 x = F.pad(x, (0, 0, 0, pad))
             return x.reshape(batch, heads, num_chunks, size, head_size)
 
