@@ -876,7 +876,7 @@ OUTPUT_FILES = frozenset(
      "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "merges.txt",
      "bpe_simple_vocab_16e6.txt.gz", "chat_template.jinja", "generation_config.json"}
     | {path.name for path in Path(rwkv_clip_hf.__file__).parent.rglob("*.py")}
-    | set(getattr(rwkv_clip_hf.configuration_rwkv_clip, "_REMOTE_CODE_FILES", {}))  # the flattened model code
+    | set(rwkv_clip_hf.remote_code_rwkv_clip.REMOTE_CODE_FILES)  # the flattened model code
 )  # fmt: skip
 
 

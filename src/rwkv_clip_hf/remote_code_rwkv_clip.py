@@ -116,4 +116,7 @@ def save_with_remote_code(config, save_fn, save_directory, push_to_hub: bool, **
     config.push_to_hub(repo_id, **kwargs)
 
 
-__all__ = ["AUTO_MODEL_CLASSES", "export_remote_code", "save_with_remote_code"]
+# the names of the files `export_remote_code` writes
+REMOTE_CODE_FILES = tuple(_REMOTE_CODE_FILES)
+
+__all__ = ["AUTO_MODEL_CLASSES", "REMOTE_CODE_FILES", "export_remote_code", "save_with_remote_code"]
