@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("LOCAL_KERNELS", f"rwkv-clip-hf/bi-wkv={ROOT / 'cuda'}")
@@ -30,7 +29,6 @@ import torch  # noqa: E402
 
 from rwkv_clip_hf.ops.bi_wkv import chunk_bi_wkv  # noqa: E402
 from rwkv_clip_hf.ops.bi_wkv.kernel import load_kernel  # noqa: E402
-
 
 SEQ_LENS = (49, 77, 196, 1024, 4096)
 WIDTHS = {"text (10 x 64)": (10, 64), "image (8 x 80)": (8, 80)}

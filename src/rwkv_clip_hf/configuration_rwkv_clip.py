@@ -7,11 +7,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 from .remote_code_rwkv_clip import export_remote_code, save_with_remote_code
-
 
 # Token-shift patterns. Each head's channels are split into as many equal groups as there are offsets;
 # group g of token (row, col) takes the token at (row + dy, col + dx); out-of-range neighbours are zero.

@@ -138,9 +138,7 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         gate = F.silu(self.gate(x_g))
         log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
 
-        out = bi_wkv(
-            receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend
-        )
+        out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend)
         out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
         return self.output(out * gate)
 
@@ -156,7 +154,9 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         init.copy_(self.time_maa_x, shift)
         init.copy_(
             self.time_maa_wkvrg,
-            torch.stack([shift, shift, 1.0 - (position**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1), shift_half, shift_half]),
+            torch.stack(
+                [shift, shift, 1.0 - (position**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1), shift_half, shift_half]
+            ),
         )
         channel = torch.arange(dim, dtype=torch.float64) / max(dim - 1, 1)
         init.copy_(self.time_decay, -6.0 + 5.0 * channel ** (0.7 + 1.3 * ratio_0_to_1))
@@ -549,7 +549,9 @@ class RWKVCLIPVisionModel(RWKVCLIPPreTrainedModel):
         hidden_states = self.pre_layernorm(hidden_states)
         encoder_outputs = self.encoder(hidden_states, grid_size, **kwargs)
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
-        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1)
+        )
 
 
 @dataclass

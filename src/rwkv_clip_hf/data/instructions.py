@@ -16,7 +16,6 @@ import logging
 
 from .prompts import MergePrompt, render_chat
 
-
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
