@@ -290,7 +290,8 @@ def bench_cuda(batch, repeats):
                 # + backward: r, k, v, w, dy in, dr, dk, dv, dw out
                 both_bw = 14 * tensor_bytes / (t_fb * 1e-3)
                 print(
-                    f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | {t_orig:9.3f} {t_ours:9.3f} {t_orig / t_ours:5.1f} | "
+                    f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | "
+                    f"{t_orig:9.3f} {t_ours:9.3f} {t_orig / t_ours:5.1f} | "
                     f"{t_orig_fb:9.3f} {t_fb:9.3f} {t_orig_fb / t_fb:5.1f} | "
                     f"{forward_bw / 1e9:9.0f} {share(forward_bw)} {both_bw / 1e9:9.0f} {share(both_bw)}"
                 )

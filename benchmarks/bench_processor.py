@@ -70,10 +70,12 @@ def main():
     print("| step | rwkv-clip-hf | transformers CLIP | ratio (baseline / ours) |")
     print("|---|---|---|---|")
     print(
-        f"| tokenize {args.captions} captions to 77 ids (pt) | {t_ours:.3f} s | {t_base:.3f} s | {t_base / t_ours:.2f}x |"
+        f"| tokenize {args.captions} captions to 77 ids (pt) | "
+        f"{t_ours:.3f} s | {t_base:.3f} s | {t_base / t_ours:.2f}x |"
     )
     print(
-        f"| preprocess {args.images} images 500x375 -> 224 (pt) | {i_ours:.3f} s | {i_base:.3f} s | {i_base / i_ours:.2f}x |"
+        f"| preprocess {args.images} images 500x375 -> 224 (pt) | "
+        f"{i_ours:.3f} s | {i_base:.3f} s | {i_base / i_ours:.2f}x |"
     )
 
 

@@ -53,7 +53,8 @@ KNOWN_TRAINING_DATA = {
     "LAION30M": {"hub_id": None, "description": "LAION30M (30M image-text pairs from LAION)"},
 }
 
-# The paper's zero-shot results for RWKV-CLIP-B/32 trained on YFCC15M (Tables 2 and 3; docs/architecture.md section 10).
+# The paper's zero-shot results for RWKV-CLIP-B/32 trained on YFCC15M (Tables 2 and 3; docs/architecture.md
+# section 10).
 PUBLISHED_RESULTS = {
     ("B/32", "YFCC15M"): {
         "zero-shot top-1 (mean per class for Pets, Flowers, Caltech101, Aircraft)": {

@@ -332,7 +332,8 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict
             ""
             if "seen_color" not in vision
             else (
-                f"; the right colour {100 * vision['seen_color']:.1f} % and {100 * vision['held_out_color']:.1f} % of the time"
+                f"; the right colour {100 * vision['seen_color']:.1f} % and "
+                f"{100 * vision['held_out_color']:.1f} % of the time"
             )
         )
         if args.freeze_vision:
@@ -346,7 +347,8 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict
                 "The whole model trains contrastively with `examples/train_contrastive.py`, the text tower from "
                 "scratch and the image tower from step 1 (`--vision_model_name_or_path`)"
             )
-        steps = f"""1. The image tower is pre-trained on {label} with `examples/finetune_classification.py`:
+        steps = (
+            f"""1. The image tower is pre-trained on {label} with `examples/finetune_classification.py`:
    {args.pretrain_samples} generated images without the held-out pairs (90 % for training, 10 % held back),
    {colors(args.pretrain_random_colors)},
    {args.pretrain_epochs} epochs, batch {args.batch_size}, lr {args.learning_rate}, from a random initialisation;
@@ -356,12 +358,17 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict
 2. {towers}: {args.train_samples} captioned images,
    {colors(args.random_colors)},
    {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 %
-   warmup, weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds["train"] / 60:.0f} minutes."""
+   warmup, weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. """
+            f"""{seconds["train"] / 60:.0f} minutes."""
+        )
     else:
-        steps = f"""Contrastive training from scratch with `examples/train_contrastive.py`: {args.train_samples} captioned images,
+        steps = (
+            "Contrastive training from scratch with `examples/train_contrastive.py`: "
+            f"""{args.train_samples} captioned images,
 {colors(args.random_colors)},
 {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 % warmup,
 weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds["train"] / 60:.0f} minutes."""
+        )
     if args.scene_size > 1:
         steps += f"""
 
@@ -373,8 +380,8 @@ are the same scene in other shapes."""
         if args.pretrain_random_colors == args.random_colors == 0
         else (
             " Random colours are drawn uniformly among the RGB values whose nearest named colour is the row's colour "
-            "(`rwkv_clip_hf.shapes.random_rgb`): a shape is never drawn in a colour whose nearest named colour is held "
-            "out with it."
+            "(`rwkv_clip_hf.shapes.random_rgb`): a shape is never drawn in a colour whose nearest named colour is "
+            "held out with it."
         )
     )
     if args.freeze_vision:
@@ -393,6 +400,7 @@ are the same scene in other shapes."""
         "The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is "
         f"{'met' if goal_met else 'not reached'} ({100 * held_out['accuracy']:.1f} %)."
     )
+    held_out_names = ", ".join(pair_name(c, s) for c, s in held_out_pairs())
     return f"""---
 library_name: rwkv-clip-hf
 pipeline_tag: zero-shot-image-classification
@@ -410,7 +418,7 @@ only colours, shapes, sizes, positions, counts and backgrounds of flat drawings.
 
 ## Training
 
-{len(held_out_pairs())} colour x shape pairs are held out of every training step ({", ".join(pair_name(c, s) for c, s in held_out_pairs())}):
+{len(held_out_pairs())} colour x shape pairs are held out of every training step ({held_out_names}):
 no image of them is seen, neither with captions nor with labels.{random_note}
 
 {steps}

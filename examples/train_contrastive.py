@@ -30,8 +30,10 @@ Several processes, data-parallel (the contrastive loss is then over the global b
 --output_dir). On a machine without CUDA the processes use gloo (`use_cpu` is set for them). `accelerate launch`
 starts several processes without an `accelerate config` only with --multi_gpu (also on CPUs):
 
-    torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
-    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+    torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 \
+        --config_name tiny
+    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp \
+        --generate_shapes 2000 --config_name tiny
 
 Defaults follow the paper's recipe (AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, lr 1e-3, 10 %
 warmup then cosine, gradient clipping 1.0); every `TrainingArguments` flag can override them. The model and

@@ -585,8 +585,10 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
     "field, value, message",
     [("ctx_len", -5, "must be a positive integer"), ("ctx_len", None, "must be a positive integer"),
      ("ctx_len", 3.7, "must be a positive integer"), ("ctx_len", "77", "must be a positive integer"),
-     ("head_size_divisor", True, "must be a positive integer"), ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
-     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"), ("n_layer", None, "n_layer=None but the tensors give 2")],
+     ("head_size_divisor", True, "must be a positive integer"),
+     ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
+     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"),
+     ("n_layer", None, "n_layer=None but the tensors give 2")],
 )  # fmt: skip
 def test_invalid_original_config_values_are_named(tmp_path, tiny_checkpoint, capsys, field, value, message):
     checkpoint, _ = tiny_checkpoint

@@ -49,8 +49,8 @@ def check_card(card: str, results: dict) -> None:
     vision = results.pop("step_1_classifier", None)
     if vision is not None:
         shape_right = (
-            f"{100 * vision['held_back']:.1f} % accuracy on the held-back images. On the evaluation's new images (exact "
-            "named colours) {} "
+            f"{100 * vision['held_back']:.1f} % accuracy on the held-back images. "
+            "On the evaluation's new images (exact named colours) {} "
             f"{100 * vision['seen']:.1f} % of the time on seen pairs "
             f"and {100 * vision['held_out']:.1f} % on the held-out pairs"
         )
@@ -58,8 +58,8 @@ def check_card(card: str, results: dict) -> None:
         assert any(shape_right.format(wording) in text for wording in wordings)
         if "seen_color" in vision:
             assert (
-                f"; the right colour {100 * vision['seen_color']:.1f} % and {100 * vision['held_out_color']:.1f} % of the time."
-                in text
+                f"; the right colour {100 * vision['seen_color']:.1f} % and "
+                f"{100 * vision['held_out_color']:.1f} % of the time." in text
             )
     for name, result in results.items():
         assert f"| {name.replace('_', ' ')} | {result['classes']} | {100 * result['accuracy']:.1f} % |" in card

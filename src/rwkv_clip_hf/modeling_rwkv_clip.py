@@ -287,9 +287,10 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
         grid_h, grid_w = embeddings.shape[-2:]
         if (grid_h, grid_w) != (self.grid_size, self.grid_size) and interpolate_pos_encoding is False:
             raise ValueError(
-                f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position embedding "
-                f"was learned for {self.grid_size}x{self.grid_size} ({self.config.image_size}px). Pass "
-                "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original model does."
+                f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position "
+                f"embedding was learned for {self.grid_size}x{self.grid_size} ({self.config.image_size}px). Pass "
+                "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original "
+                "model does."
             )
         embeddings = embeddings.flatten(2).transpose(1, 2)
         return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
@@ -316,7 +317,8 @@ def canonical_text_positions(
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} like input_ids"
+                f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                f"expected {tuple(input_ids.shape)} like input_ids"
             )
         real = attention_mask.to(torch.bool)
     elif eos_token_id is not None:

@@ -639,12 +639,13 @@ class RWKVCLIPTrainer(Trainer):
 def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
     """`TrainingArguments` following the paper's recipe (docs/architecture.md §9), any field overridable.
 
-    AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup (`warmup_steps=0.1`, a fraction) then cosine
-    decay (the paper's OneCycle), gradient clipping at norm 1, bf16 autocast when the hardware has it, and
-    `remove_unused_columns=False` (the transforms need the raw columns). The paper's batch is 4096 over
-    8 GPUs: scale `per_device_train_batch_size` x processes to your budget, and where one device's memory is the
-    limit, keep the batch and split it with `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with
-    `gradient_accumulation_steps` (which gives each micro-batch only its own negatives).
+    AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup
+    (`warmup_steps=0.1`, a fraction) then cosine decay (the paper's OneCycle), gradient clipping at norm 1, bf16
+    autocast when the hardware has it, and `remove_unused_columns=False` (the transforms need the raw columns). The
+    paper's batch is 4096 over 8 GPUs: scale `per_device_train_batch_size` x processes to your budget, and where
+    one device's memory is the limit, keep the batch and split it with
+    `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with `gradient_accumulation_steps` (which gives each
+    micro-batch only its own negatives).
     """
     defaults = dict(
         learning_rate=1e-3,
