@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # use it without the Hub; without a build, the models fall back to the PyTorch path.
 export LOCAL_KERNELS ?= rwkv-clip-hf/bi-wkv=$(CURDIR)/cuda
 
-.PHONY: install kernels kernels-check kernels-cuda kernels-cuda-check gpu-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
+.PHONY: install lint kernels kernels-check kernels-cuda kernels-cuda-check gpu-check test test-all test-export demo default-model bench bench-bi-wkv bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,13 @@ kernels-cuda-check: $(STAMP)
 kernels-check: kernels
 	$(PY) cuda/check_hub_rules.py
 
-# The test command of README.md and CI: offline, CPU only, with the CPU kernel built and required.
+# ruff (configured in pyproject.toml): lint and formatting; the first step of `make test`.
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# The test command of README.md and CI: offline, CPU only, lint-clean, with the CPU kernel built and required.
 # The tests find the build through LOCAL_KERNELS (above; tests/conftest.py sets the same default).
-test: $(STAMP) kernels kernels-check
+test: $(STAMP) lint kernels kernels-check
 	RWKV_CLIP_REQUIRE_KERNEL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Also the tests marked slow.

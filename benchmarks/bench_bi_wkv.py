@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("LOCAL_KERNELS", f"rwkv-clip-hf/bi-wkv={ROOT / 'cuda'}")
@@ -30,7 +29,6 @@ import torch  # noqa: E402
 
 from rwkv_clip_hf.ops.bi_wkv import chunk_bi_wkv  # noqa: E402
 from rwkv_clip_hf.ops.bi_wkv.kernel import load_kernel  # noqa: E402
-
 
 SEQ_LENS = (49, 77, 196, 1024, 4096)
 WIDTHS = {"text (10 x 64)": (10, 64), "image (8 x 80)": (8, 80)}
@@ -292,7 +290,8 @@ def bench_cuda(batch, repeats):
                 # + backward: r, k, v, w, dy in, dr, dk, dv, dw out
                 both_bw = 14 * tensor_bytes / (t_fb * 1e-3)
                 print(
-                    f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | {t_orig:9.3f} {t_ours:9.3f} {t_orig / t_ours:5.1f} | "
+                    f"{label:16} {seq_len:>5} {str(dtype)[6:]:>8} | "
+                    f"{t_orig:9.3f} {t_ours:9.3f} {t_orig / t_ours:5.1f} | "
                     f"{t_orig_fb:9.3f} {t_fb:9.3f} {t_orig_fb / t_fb:5.1f} | "
                     f"{forward_bw / 1e9:9.0f} {share(forward_bw)} {both_bw / 1e9:9.0f} {share(both_bw)}"
                 )

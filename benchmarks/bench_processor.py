@@ -17,7 +17,6 @@ from transformers import CLIPImageProcessorPil, CLIPTokenizer
 from rwkv_clip_hf import RWKVCLIPImageProcessor, RWKVCLIPTokenizer
 from rwkv_clip_hf.tokenization_rwkv_clip import bundled_vocab_and_merges
 
-
 WORDS = "a photo of the dog cat red blue green small large two three on in with grass street sky running".split()
 
 
@@ -54,8 +53,13 @@ def main():
     baseline = CLIPTokenizer(vocab=vocab, merges=list(merges))
     ours(texts[:10], padding=True)
     baseline(texts[:10], padding=True)
-    t_ours = best_time(lambda: ours(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"), args.repeats)
-    t_base = best_time(lambda: baseline(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"), args.repeats)
+    t_ours = best_time(
+        lambda: ours(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"), args.repeats
+    )
+    t_base = best_time(
+        lambda: baseline(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"),
+        args.repeats,
+    )
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(args.images)]
@@ -63,10 +67,16 @@ def main():
     i_ours = best_time(lambda: ours_images(images, return_tensors="pt"), args.repeats)
     i_base = best_time(lambda: base_images(images, return_tensors="pt"), args.repeats)
 
-    print(f"| step | rwkv-clip-hf | transformers CLIP | ratio (baseline / ours) |")
-    print(f"|---|---|---|---|")
-    print(f"| tokenize {args.captions} captions to 77 ids (pt) | {t_ours:.3f} s | {t_base:.3f} s | {t_base / t_ours:.2f}x |")
-    print(f"| preprocess {args.images} images 500x375 -> 224 (pt) | {i_ours:.3f} s | {i_base:.3f} s | {i_base / i_ours:.2f}x |")
+    print("| step | rwkv-clip-hf | transformers CLIP | ratio (baseline / ours) |")
+    print("|---|---|---|---|")
+    print(
+        f"| tokenize {args.captions} captions to 77 ids (pt) | "
+        f"{t_ours:.3f} s | {t_base:.3f} s | {t_base / t_ours:.2f}x |"
+    )
+    print(
+        f"| preprocess {args.images} images 500x375 -> 224 (pt) | "
+        f"{i_ours:.3f} s | {i_base:.3f} s | {i_base / i_ours:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

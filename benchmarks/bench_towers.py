@@ -69,7 +69,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-
 # Make `rwkv_clip_hf` importable from a source checkout without PYTHONPATH=src.
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 if os.path.isdir(os.path.join(_SRC, "rwkv_clip_hf")) and _SRC not in sys.path:
@@ -79,7 +78,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-
 
 NATIVE_IMAGE_SIZE = 224
 TEXT_LENGTH = 77
@@ -347,8 +345,9 @@ def _reset_peak_rss() -> bool:
 def memory_child(spec: dict[str, Any]) -> None:
     """Runs in a fresh interpreter: prints one JSON line with the RSS figures of one model's forwards."""
     torch.set_num_threads(spec["threads"])
-    import rwkv_clip_hf  # noqa: F401  (both children import the same modules)
     import transformers  # noqa: F401
+
+    import rwkv_clip_hf  # noqa: F401  (both children import the same modules)
 
     model = build_model(spec["tower"], spec["impl"])
     inputs = make_inputs(spec["tower"], spec["impl"], spec["size"], spec["batch"])
@@ -703,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:>13}: {info[key]}")
     print(
         f"{'settings':>13}: fp32, eval, inference_mode, random init; warmup {args.warmup}, "
-        f"min-time {args.min_time:g} s, min-iters {args.min_iters}"
-        + (" (--quick)" if args.quick else "")
+        f"min-time {args.min_time:g} s, min-iters {args.min_iters}" + (" (--quick)" if args.quick else "")
     )
     print(f"{'isa flags':>13}: {info['isa_flags']} (torch CPU capability {info['torch_cpu_capability']})")
     if args.bf16_sizes and not (info["native_bf16"] or args.force_bf16):
@@ -713,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'load average':>13}: {info['load_average']} (1, 5, 15 min; other processes share the CPUs if high)")
     print(f"{'vision batch':>13}: " + ", ".join(f"{s}px -> {b}" for s, b in zip(args.sizes, args.batch)))
     if args.bf16_sizes:
-        print(f"{'bf16 autocast':>13}: " + ", ".join(f"{s}px -> {b}" for s, b in zip(args.bf16_sizes, args.bf16_batch)))
+        print(
+            f"{'bf16 autocast':>13}: " + ", ".join(f"{s}px -> {b}" for s, b in zip(args.bf16_sizes, args.bf16_batch))
+        )
     if not args.no_text:
         print(f"{'text batch':>13}: {args.text_batch} x {TEXT_LENGTH} tokens")
     print(flush=True)

@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 
-
 # make `rwkv_clip_hf` importable from a source checkout without PYTHONPATH=src
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 if os.path.isdir(os.path.join(_SRC, "rwkv_clip_hf")) and _SRC not in sys.path:
@@ -28,7 +27,6 @@ import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel  # noqa: E402
-
 
 GOAL = 1.10
 

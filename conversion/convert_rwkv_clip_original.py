@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
-from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils import tqdm
+from huggingface_hub.utils import tqdm, validate_repo_id
 from transformers import AutoModel
 
-import original_reference
 import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 
+import original_reference
 
 logger = logging.getLogger("rwkv_clip_conversion")
 
@@ -54,7 +53,8 @@ KNOWN_TRAINING_DATA = {
     "LAION30M": {"hub_id": None, "description": "LAION30M (30M image-text pairs from LAION)"},
 }
 
-# The paper's zero-shot results for RWKV-CLIP-B/32 trained on YFCC15M (Tables 2 and 3; docs/architecture.md section 10).
+# The paper's zero-shot results for RWKV-CLIP-B/32 trained on YFCC15M (Tables 2 and 3; docs/architecture.md
+# section 10).
 PUBLISHED_RESULTS = {
     ("B/32", "YFCC15M"): {
         "zero-shot top-1 (mean per class for Pets, Flowers, Caltech101, Aircraft)": {
@@ -298,6 +298,8 @@ _MUST_BE_OFF = ("image_with_cls_token", "image_output_cls_token", "pos_emb", "he
 
 def _is_on(value: object) -> bool:
     return value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+
+
 # only affect training or the original's data loading
 _TRAINING_ONLY = {"workers", "precision", "dropout", "data_type", "text_initialization", "with_cp", "tiny_att_layer"}
 
@@ -521,7 +523,10 @@ def conversion_rules(config: RWKVCLIPConfig) -> list[Rule]:
         rules.append((f"{v}pre_layernorm.{leaf}", (f"image_model.layers.0.ln0.{leaf}",), _same))
         rules.append((f"{v}post_layernorm.{leaf}", (f"image_model.ln1.{leaf}",), _same))
     block_rules(
-        "image_model.layers.", f"{v}encoder.layers.", config.vision_config, ("spatial_mix_k", "spatial_mix_r"),
+        "image_model.layers.",
+        f"{v}encoder.layers.",
+        config.vision_config,
+        ("spatial_mix_k", "spatial_mix_r"),
         _one_minus_flat,
     )
     rules.append((f"{t}token_embedding.weight", ("text_model.emb.weight",), _same))
@@ -1159,8 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.checkpoint is None:
         if not args.push_to_hub:
-            print("error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)",
-                  file=sys.stderr)
+            print(
+                "error: give --checkpoint (or --push-to-hub to upload an --output converted earlier)", file=sys.stderr
+            )
             return 2
         try:
             output = push_converted(args.output, args.push_to_hub)

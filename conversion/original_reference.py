@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 LAYER_NORM_EPS = 1e-5
 IMAGE_GROUP_NORM_EPS = 1e-5
 

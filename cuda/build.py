@@ -108,8 +108,8 @@ def add_op_namespace_prefix(op_name: str) -> str:
     return f"{name}::{{op_name}}"
 '''
 
-COMPAT_INIT_PY = '''"""Compatibility with `kernels` versions that import `build/<variant>/{py_name}/`: the kernel is the
-flattened package one level up (`build/<variant>/__init__.py`), loaded here and re-exported."""
+COMPAT_INIT_PY = '''"""Compatibility with `kernels` versions that import `build/<variant>/{py_name}/`: the kernel is
+the flattened package one level up (`build/<variant>/__init__.py`), loaded here and re-exported."""
 
 import importlib.util
 import sys

@@ -22,7 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 KERNEL_DIR = Path(__file__).resolve().parent
 PY_NAME = "bi_wkv"
 MAX_GLIBC = (2, 28)

@@ -38,20 +38,42 @@ import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.evaluation.cli import run as run_eval
 from rwkv_clip_hf.shapes import (
-    BACKGROUNDS, COLORS, COUNTS, POSITIONS, SHAPES, SIZES, held_out_pairs, make_shapes_dataset, pair_name,
+    BACKGROUNDS,
+    COLORS,
+    COUNTS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    held_out_pairs,
+    make_shapes_dataset,
+    pair_name,
 )
-
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "src" / "rwkv_clip_hf" / "default_model"
 IMAGE_SIZE = 64
 ARCHITECTURE = {
     # captions of shapes are short: a 32-token context (the original's is 77) halves the text tower's cost
-    "text_config": {"hidden_size": 96, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
-                    "mix_lora_rank": 8, "decay_lora_rank": 16, "max_position_embeddings": 32},
-    "vision_config": {"hidden_size": 96, "head_size": 32, "num_hidden_layers": 4, "intermediate_size": 256,
-                      "mix_lora_rank": 8, "decay_lora_rank": 16, "image_size": IMAGE_SIZE, "patch_size": 8,
-                      "drop_path_rate": 0.0},
+    "text_config": {
+        "hidden_size": 96,
+        "head_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "mix_lora_rank": 8,
+        "decay_lora_rank": 16,
+        "max_position_embeddings": 32,
+    },
+    "vision_config": {
+        "hidden_size": 96,
+        "head_size": 32,
+        "num_hidden_layers": 4,
+        "intermediate_size": 256,
+        "mix_lora_rank": 8,
+        "decay_lora_rank": 16,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+        "drop_path_rate": 0.0,
+    },
 }
 
 
@@ -76,8 +98,13 @@ def evaluation_sets(directory: Path, samples: int, seed: int) -> dict[str, dict]
         dataset = dataset.cast_column(label, ClassLabel(names=classnames))
         path = directory / name
         dataset.save_to_disk(str(path))
-        sets[name] = {"path": path, "label": label, "classnames": classnames, "templates": templates,
-                      "labels": list(dataset[label])}
+        sets[name] = {
+            "path": path,
+            "label": label,
+            "classnames": classnames,
+            "templates": templates,
+            "labels": list(dataset[label]),
+        }
 
     # colour x shape, 48-way, on images of pairs never seen in training; prompts never seen in training
     test = test.map(lambda row: {"_label": pair_name(row["color"], row["shape"])})
@@ -108,10 +135,27 @@ def evaluate(model_dir: Path, directory: Path, samples: int, seed: int) -> dict:
     results = {}
     for name, spec in evaluation_sets(directory / "data", samples, seed).items():
         args = [
-            "zero-shot", "--model", str(model_dir), "--dataset", str(spec["path"]), "--label-column", spec["label"],
-            "--classnames", *spec["classnames"], "--templates", *spec["templates"], "--metric", "top1",
-            "--output-dir", str(directory / "results"), "--cache-dir", str(directory / "cache"),
-            "--batch-size", "128", "--device", "cpu",
+            "zero-shot",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(spec["path"]),
+            "--label-column",
+            spec["label"],
+            "--classnames",
+            *spec["classnames"],
+            "--templates",
+            *spec["templates"],
+            "--metric",
+            "top1",
+            "--output-dir",
+            str(directory / "results"),
+            "--cache-dir",
+            str(directory / "cache"),
+            "--batch-size",
+            "128",
+            "--device",
+            "cpu",
         ]
         result = run_eval(args)
         results[name] = {
@@ -136,16 +180,25 @@ WEIGHT_DECAY = 0.05
 def run_example(script: str, run_dir: Path, args, *flags: str) -> Path:
     """Run `examples/<script>` into `run_dir` with `flags` and the Trainer settings both steps share."""
     command = [
-        sys.executable, str(ROOT / "examples" / script),
-        "--output_dir", str(run_dir),
+        sys.executable,
+        str(ROOT / "examples" / script),
+        "--output_dir",
+        str(run_dir),
         *flags,
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate),
-        "--weight_decay", str(WEIGHT_DECAY),
-        "--save_strategy", "no",
-        "--logging_steps", "25",
-        "--seed", str(args.seed),
-        "--dataloader_num_workers", "0",
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--weight_decay",
+        str(WEIGHT_DECAY),
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "25",
+        "--seed",
+        str(args.seed),
+        "--dataloader_num_workers",
+        "0",
     ]
     print(" ".join(command))
     subprocess.run(command, check=True)
@@ -162,16 +215,28 @@ def pretrain_vision(work: Path, args) -> tuple[Path, float]:
     context_length = ARCHITECTURE["text_config"]["max_position_embeddings"]
     RWKVCLIPProcessor.from_bundled(image_size=IMAGE_SIZE, context_length=context_length).save_pretrained(init_dir)
     run_dir = run_example(
-        "finetune_classification.py", work / "vision", args,
-        "--model_name_or_path", str(init_dir),
-        "--generate_shapes", str(args.pretrain_samples),
+        "finetune_classification.py",
+        work / "vision",
+        args,
+        "--model_name_or_path",
+        str(init_dir),
+        "--generate_shapes",
+        str(args.pretrain_samples),
         "--exclude_held_out_pairs",
-        "--shapes_random_colors", str(args.pretrain_random_colors),
-        "--shapes_label", args.pretrain_label,
-        "--validation_fraction", "0.1",
-        "--num_train_epochs", str(args.pretrain_epochs),
-        "--per_device_eval_batch_size", "128",
-        "--eval_strategy", "no", "--load_best_model_at_end", "False",
+        "--shapes_random_colors",
+        str(args.pretrain_random_colors),
+        "--shapes_label",
+        args.pretrain_label,
+        "--validation_fraction",
+        "0.1",
+        "--num_train_epochs",
+        str(args.pretrain_epochs),
+        "--per_device_eval_batch_size",
+        "128",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "False",
     )
     accuracy = json.loads((run_dir / "eval_results.json").read_text())["eval_accuracy"]
     return run_dir, accuracy
@@ -206,16 +271,29 @@ def train(work: Path, args, vision_dir: Path | None) -> Path:
     if args.freeze_vision:
         vision += ["--freeze_vision_model", "True"]
     return run_example(
-        "train_contrastive.py", work / "run", args,
-        "--generate_shapes", str(args.train_samples),
+        "train_contrastive.py",
+        work / "run",
+        args,
+        "--generate_shapes",
+        str(args.train_samples),
         "--exclude_held_out_pairs",
-        "--shapes_random_colors", str(args.random_colors),
-        "--shapes_scene_size", str(args.scene_size), "--group_by_column", "scene",
-        "--config_name", "tiny", "--config_overrides", json.dumps(ARCHITECTURE),
+        "--shapes_random_colors",
+        str(args.random_colors),
+        "--shapes_scene_size",
+        str(args.scene_size),
+        "--group_by_column",
+        "scene",
+        "--config_name",
+        "tiny",
+        "--config_overrides",
+        json.dumps(ARCHITECTURE),
         *vision,
-        "--caption_columns", "captions",
-        "--num_train_epochs", str(args.epochs),
-        "--validation_fraction", "0",
+        "--caption_columns",
+        "captions",
+        "--num_train_epochs",
+        str(args.epochs),
+        "--validation_fraction",
+        "0",
     )
 
 
@@ -240,62 +318,89 @@ def model_card(results: dict, args, parameters: int, seconds: dict, vision: dict
             "shape": "the shape label (6 classes)",
             "pair": "the colour x shape label (48 classes; the held-out pairs are classes too, never shown)",
             "shape_or_color": "the shape or the colour label (14 classes: every other image labelled by its shape, "
-                              "the rest by its colour, so that held-back accuracy is at most about 50 %)",
+            "the rest by its colour, so that held-back accuracy is at most about 50 %)",
             "shape_and_color": "both the shape and the colour label (multi-label classification: 6 shape and 8 "
-                               "colour classes, sigmoid and binary cross-entropy, every image in one of each; "
-                               "held-back accuracy counts images whose 14 yes/no answers are all right)",
+            "colour classes, sigmoid and binary cross-entropy, every image in one of each; "
+            "held-back accuracy counts images whose 14 yes/no answers are all right)",
         }[args.pretrain_label]
-        shape_right = ("its top class has the right shape" if args.pretrain_label in ("shape", "pair")
-                       else "its highest-scoring shape class is the right one")
-        colour = "" if "seen_color" not in vision else (
-            f"; the right colour {100 * vision['seen_color']:.1f} % and {100 * vision['held_out_color']:.1f} % of the time"
+        shape_right = (
+            "its top class has the right shape"
+            if args.pretrain_label in ("shape", "pair")
+            else "its highest-scoring shape class is the right one"
+        )
+        colour = (
+            ""
+            if "seen_color" not in vision
+            else (
+                f"; the right colour {100 * vision['seen_color']:.1f} % and "
+                f"{100 * vision['held_out_color']:.1f} % of the time"
+            )
         )
         if args.freeze_vision:
-            towers = ("The text tower trains contrastively from scratch with `examples/train_contrastive.py` against "
-                      "step 1's image tower, which stays fixed (`--vision_model_name_or_path` and "
-                      "`--freeze_vision_model`: locked-image tuning, as in LiT; the temperature trains too)")
+            towers = (
+                "The text tower trains contrastively from scratch with `examples/train_contrastive.py` against "
+                "step 1's image tower, which stays fixed (`--vision_model_name_or_path` and "
+                "`--freeze_vision_model`: locked-image tuning, as in LiT; the temperature trains too)"
+            )
         else:
-            towers = ("The whole model trains contrastively with `examples/train_contrastive.py`, the text tower from "
-                      "scratch and the image tower from step 1 (`--vision_model_name_or_path`)")
-        steps = f"""1. The image tower is pre-trained on {label} with `examples/finetune_classification.py`:
+            towers = (
+                "The whole model trains contrastively with `examples/train_contrastive.py`, the text tower from "
+                "scratch and the image tower from step 1 (`--vision_model_name_or_path`)"
+            )
+        steps = (
+            f"""1. The image tower is pre-trained on {label} with `examples/finetune_classification.py`:
    {args.pretrain_samples} generated images without the held-out pairs (90 % for training, 10 % held back),
    {colors(args.pretrain_random_colors)},
    {args.pretrain_epochs} epochs, batch {args.batch_size}, lr {args.learning_rate}, from a random initialisation;
-   {100 * vision['held_back']:.1f} % accuracy on the held-back images. On the evaluation's new images (exact named
-   colours) {shape_right} {100 * vision['seen']:.1f} % of the time on seen pairs and
-   {100 * vision['held_out']:.1f} % on the held-out pairs{colour}. {seconds['pretrain'] / 60:.0f} minutes.
+   {100 * vision["held_back"]:.1f} % accuracy on the held-back images. On the evaluation's new images (exact named
+   colours) {shape_right} {100 * vision["seen"]:.1f} % of the time on seen pairs and
+   {100 * vision["held_out"]:.1f} % on the held-out pairs{colour}. {seconds["pretrain"] / 60:.0f} minutes.
 2. {towers}: {args.train_samples} captioned images,
    {colors(args.random_colors)},
    {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 %
-   warmup, weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
+   warmup, weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. """
+            f"""{seconds["train"] / 60:.0f} minutes."""
+        )
     else:
-        steps = f"""Contrastive training from scratch with `examples/train_contrastive.py`: {args.train_samples} captioned images,
+        steps = (
+            "Contrastive training from scratch with `examples/train_contrastive.py`: "
+            f"""{args.train_samples} captioned images,
 {colors(args.random_colors)},
 {args.epochs} epochs, batch {args.batch_size}, AdamW (0.9, 0.98), lr {args.learning_rate}, cosine with 10 % warmup,
-weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds['train'] / 60:.0f} minutes."""
+weight decay {WEIGHT_DECAY}, one of three caption phrasings per image and step. {seconds["train"] / 60:.0f} minutes."""
+        )
     if args.scene_size > 1:
         steps += f"""
 
 The contrastive images come in scenes of up to {args.scene_size} that differ in shape only, and every batch holds
 whole scenes (`--shapes_scene_size {args.scene_size} --group_by_column scene`), so a caption's hardest negatives
 are the same scene in other shapes."""
-    random_note = "" if args.pretrain_random_colors == args.random_colors == 0 else (
-        " Random colours are drawn uniformly among the RGB values whose nearest named colour is the row's colour "
-        "(`rwkv_clip_hf.shapes.random_rgb`): a shape is never drawn in a colour whose nearest named colour is held "
-        "out with it."
+    random_note = (
+        ""
+        if args.pretrain_random_colors == args.random_colors == 0
+        else (
+            " Random colours are drawn uniformly among the RGB values whose nearest named colour is the row's colour "
+            "(`rwkv_clip_hf.shapes.random_rgb`): a shape is never drawn in a colour whose nearest named colour is "
+            "held out with it."
+        )
     )
     if args.freeze_vision:
-        why_step_2 = ("Step 2 keeps that tower fixed: in the runs measured before (the project's "
-                      "docs/default-model-experiments.md), training the whole model contrastively lost much of step "
-                      "1's shape knowledge.")
+        why_step_2 = (
+            "Step 2 keeps that tower fixed: in the runs measured before (the project's "
+            "docs/default-model-experiments.md), training the whole model contrastively lost much of step "
+            "1's shape knowledge."
+        )
     else:
-        why_step_2 = ("In the runs measured so far (the project's docs/default-model-experiments.md), step 2, which "
-                      "trains the whole model contrastively, loses part of step 1's shape knowledge: compare step 1's "
-                      "held-out figure above with \"held out shape\" in the table.")
+        why_step_2 = (
+            "In the runs measured so far (the project's docs/default-model-experiments.md), step 2, which "
+            "trains the whole model contrastively, loses part of step 1's shape knowledge: compare step 1's "
+            'held-out figure above with "held out shape" in the table.'
+        )
     verdict = (
         "The project's goal for this model, >= 90 % on colour x shape pairs it never saw in training, is "
         f"{'met' if goal_met else 'not reached'} ({100 * held_out['accuracy']:.1f} %)."
     )
+    held_out_names = ", ".join(pair_name(c, s) for c, s in held_out_pairs())
     return f"""---
 library_name: rwkv-clip-hf
 pipeline_tag: zero-shot-image-classification
@@ -313,7 +418,7 @@ only colours, shapes, sizes, positions, counts and backgrounds of flat drawings.
 
 ## Training
 
-{len(held_out_pairs())} colour x shape pairs are held out of every training step ({", ".join(pair_name(c, s) for c, s in held_out_pairs())}):
+{len(held_out_pairs())} colour x shape pairs are held out of every training step ({held_out_names}):
 no image of them is seen, neither with captions nor with labels.{random_note}
 
 {steps}
@@ -330,8 +435,8 @@ with prompt phrasings never used in training (templates averaged as in CLIP):
 {rows}
 
 "held out color shape": images of the held-out pairs, classified among all 48 colour x shape names (its
-predictions get the colour right {100 * held_out['color_right']:.1f} % and the shape right
-{100 * held_out['shape_right']:.1f} % of the time). "held out shape": the same images among the 6 shape names.
+predictions get the colour right {100 * held_out["color_right"]:.1f} % and the shape right
+{100 * held_out["shape_right"]:.1f} % of the time). "held out shape": the same images among the 6 shape names.
 "seen color shape": new images of pairs seen in training. "attribute X": one attribute of the seen-pair images,
 the others ignored.
 
@@ -370,24 +475,45 @@ def main():
     parser.add_argument("--pretrain-samples", type=int, default=28000, help="images for step 1 (0 epochs: skip it)")
     parser.add_argument("--pretrain-epochs", type=int, default=7)
     parser.add_argument("--train-samples", type=int, default=32000)
-    parser.add_argument("--eval-samples", type=int, default=2000,
-                        help="newly generated test images per evaluation row (one standard error is about 0.65 points at 90 %%)")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=2000,
+        help="newly generated test images per evaluation row (one standard error is about 0.65 points at 90 %%)",
+    )
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--scene-size", type=int, default=3, help="training scenes of this many images that differ in shape only")
-    parser.add_argument("--pretrain-random-colors", type=float, default=1.0,
-                        help="fraction of step 1's images drawn in random colours of their colour name's range "
-                             "(README: 'Colour variation' for what it did)")
-    parser.add_argument("--pretrain-label", choices=["shape", "pair", "shape_or_color", "shape_and_color"],
-                        default="pair",
-                        help="step 1's classes: the 6 shapes; the 48 colour x shape pairs (the held-out ones never "
-                             "seen); the 6 shapes and 8 colours, half the images labelled by shape, half by colour; "
-                             "or the same 14 classes, every image labelled with both (multi-label)")
-    parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                        help="step 2 trains the text tower and the temperature only; the image tower stays step 1's")
-    parser.add_argument("--random-colors", type=float, default=1.0,
-                        help="the same for step 2's images (the rest are drawn in the exact named colours)")
+    parser.add_argument(
+        "--scene-size", type=int, default=3, help="training scenes of this many images that differ in shape only"
+    )
+    parser.add_argument(
+        "--pretrain-random-colors",
+        type=float,
+        default=1.0,
+        help="fraction of step 1's images drawn in random colours of their colour name's range "
+        "(README: 'Colour variation' for what it did)",
+    )
+    parser.add_argument(
+        "--pretrain-label",
+        choices=["shape", "pair", "shape_or_color", "shape_and_color"],
+        default="pair",
+        help="step 1's classes: the 6 shapes; the 48 colour x shape pairs (the held-out ones never "
+        "seen); the 6 shapes and 8 colours, half the images labelled by shape, half by colour; "
+        "or the same 14 classes, every image labelled with both (multi-label)",
+    )
+    parser.add_argument(
+        "--freeze-vision",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="step 2 trains the text tower and the temperature only; the image tower stays step 1's",
+    )
+    parser.add_argument(
+        "--random-colors",
+        type=float,
+        default=1.0,
+        help="the same for step 2's images (the rest are drawn in the exact named colours)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediate files here")
     args = parser.parse_args()
@@ -401,8 +527,11 @@ def main():
         vision_dir, held_back = pretrain_vision(work, args)
         seconds["pretrain"] = time.time() - start
         vision = {"held_back": held_back, **vision_accuracy(vision_dir, args.eval_samples, 10_000 + args.seed)}
-        print("step 1: image tower accuracy " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in vision.items())
-              + f" ({seconds['pretrain'] / 60:.0f} min)")
+        print(
+            "step 1: image tower accuracy "
+            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in vision.items())
+            + f" ({seconds['pretrain'] / 60:.0f} min)"
+        )
     start = time.time()
     run_dir = train(work, args, vision_dir)
     seconds["train"] = time.time() - start

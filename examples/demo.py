@@ -15,7 +15,6 @@ from transformers import pipeline
 
 import rwkv_clip_hf
 
-
 EXAMPLES = Path(__file__).resolve().parent / "images"
 DEFAULT_LABELS = [
     "a red circle", "a blue square", "a green triangle", "a yellow star",

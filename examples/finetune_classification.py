@@ -48,19 +48,30 @@ from rwkv_clip_hf.training import (
     compute_accuracy,
 )
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULTS = dict(
-    learning_rate=1e-4, weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0,
-    remove_unused_columns=False, eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
-    logging_steps=10, report_to="none", load_best_model_at_end=True, metric_for_best_model="accuracy",
+    learning_rate=1e-4,
+    weight_decay=0.05,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.1,
+    max_grad_norm=1.0,
+    remove_unused_columns=False,
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=1,
+    logging_steps=10,
+    report_to="none",
+    load_best_model_at_end=True,
+    metric_for_best_model="accuracy",
 )
 
 
 @dataclass
 class Arguments:
-    model_name_or_path: str = field(metadata={"help": "A saved RWKV-CLIP (full model or classifier) directory or Hub id."})
+    model_name_or_path: str = field(
+        metadata={"help": "A saved RWKV-CLIP (full model or classifier) directory or Hub id."}
+    )
     dataset_name: str | None = field(default=None)
     dataset_config_name: str | None = field(default=None)
     generate_shapes: int | None = field(default=None, metadata={"help": "Use N generated shape images instead."})
@@ -69,22 +80,28 @@ class Arguments:
     )
     shapes_random_colors: float = field(
         default=0.0,
-        metadata={"help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
-                  "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."},
+        metadata={
+            "help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
+            "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."
+        },
     )
     shapes_label: str = field(
         default="shape",
-        metadata={"help": "With --generate_shapes: what the classes are: the shape; the colour; the colour x shape pair "
-                  "(all 48 are classes, also the held-out ones that --exclude_held_out_pairs leaves out); or "
-                  "shape_or_color: 14 classes, the 6 shapes and the 8 colours, every other image labelled by its "
-                  "shape, the rest by its colour, so that one head learns both apart (held-back accuracy is then at "
-                  "most about one half: the model cannot know which of the two an image was labelled with); or "
-                  "shape_and_color: the same 14 classes as multi-label classification, every image labelled with "
-                  "both its shape and its colour.",
-                  "choices": ["shape", "color", "pair", "shape_or_color", "shape_and_color"]},
+        metadata={
+            "help": "With --generate_shapes: what the classes are: the shape; the colour; the colour x shape pair "
+            "(all 48 are classes, also the held-out ones that --exclude_held_out_pairs leaves out); or "
+            "shape_or_color: 14 classes, the 6 shapes and the 8 colours, every other image labelled by its "
+            "shape, the rest by its colour, so that one head learns both apart (held-back accuracy is then at "
+            "most about one half: the model cannot know which of the two an image was labelled with); or "
+            "shape_and_color: the same 14 classes as multi-label classification, every image labelled with "
+            "both its shape and its colour.",
+            "choices": ["shape", "color", "pair", "shape_or_color", "shape_and_color"],
+        },
     )
     train_split: str = field(default="train")
-    eval_split: str | None = field(default=None, metadata={"help": "Default: hold out --validation_fraction of train."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Default: hold out --validation_fraction of train."}
+    )
     validation_fraction: float = field(default=0.2)
     image_column: str = field(default="image")
     label_column: str = field(default="label")
@@ -126,7 +143,9 @@ def load_splits(args: Arguments, seed: int):
             "shape_or_color": SHAPES + list(COLORS),
             "shape_and_color": SHAPES + list(COLORS),
         }[args.shapes_label]
-        labels = [shapes_label(args.shapes_label, i, c, s) for i, (c, s) in enumerate(zip(data["color"], data["shape"]))]
+        labels = [
+            shapes_label(args.shapes_label, i, c, s) for i, (c, s) in enumerate(zip(data["color"], data["shape"]))
+        ]
         feature = datasets.ClassLabel(names=names)
         if args.shapes_label == "shape_and_color":
             labels, feature = [[names.index(n) for n in row] for row in labels], datasets.Sequence(feature)
@@ -166,7 +185,9 @@ def parse_arguments(argv: list[str] | None = None):
 
 def main():
     args, training_args = parse_arguments()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+    )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 

@@ -40,7 +40,6 @@ from transformers import (
 
 from rwkv_clip_hf.data import MergePrompt, build_instruction_dataset, tokenize_instruction_dataset
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULTS = dict(

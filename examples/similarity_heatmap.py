@@ -22,7 +22,6 @@ from transformers.image_utils import load_image
 import rwkv_clip_hf
 from rwkv_clip_hf.evaluation.features import encode_images, encode_texts, load_model_and_processor
 
-
 EXAMPLES = Path(__file__).resolve().parent / "images"
 
 
@@ -61,8 +60,15 @@ def plot(similarity, images, captions, path: Path, title: str) -> None:
     for i in range(rows):
         for j in range(columns):
             value = similarity[i, j]
-            heat.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                      color="black" if value > middle else "white")
+            heat.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if value > middle else "white",
+            )
     heat.set_xticks([])
     heat.set_yticks(range(rows), captions, fontsize=8)
     figure.suptitle(title, fontsize=9)

@@ -30,8 +30,10 @@ Several processes, data-parallel (the contrastive loss is then over the global b
 --output_dir). On a machine without CUDA the processes use gloo (`use_cpu` is set for them). `accelerate launch`
 starts several processes without an `accelerate config` only with --multi_gpu (also on CPUs):
 
-    torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
-    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 --config_name tiny
+    torchrun --nproc_per_node 2 examples/train_contrastive.py --output_dir runs/ddp --generate_shapes 2000 \
+        --config_name tiny
+    accelerate launch --multi_gpu --num_processes 2 examples/train_contrastive.py --output_dir runs/ddp \
+        --generate_shapes 2000 --config_name tiny
 
 Defaults follow the paper's recipe (AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, lr 1e-3, 10 %
 warmup then cosine, gradient clipping 1.0); every `TrainingArguments` flag can override them. The model and
@@ -44,7 +46,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 import transformers
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
@@ -62,23 +63,46 @@ from rwkv_clip_hf.training import (
     RWKVCLIPTrainer,
 )
 
-
 logger = logging.getLogger(__name__)
 
 # A small architecture for CPU runs (the bundled default model's family): 2 + 2 blocks of width 128.
 TINY_CONFIG = {
-    "text_config": {"hidden_size": 128, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
-                    "mix_lora_rank": 8, "decay_lora_rank": 16},
-    "vision_config": {"hidden_size": 128, "head_size": 32, "num_hidden_layers": 2, "intermediate_size": 256,
-                      "mix_lora_rank": 8, "decay_lora_rank": 16, "image_size": 64, "patch_size": 8,
-                      "drop_path_rate": 0.0},
+    "text_config": {
+        "hidden_size": 128,
+        "head_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "mix_lora_rank": 8,
+        "decay_lora_rank": 16,
+    },
+    "vision_config": {
+        "hidden_size": 128,
+        "head_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "mix_lora_rank": 8,
+        "decay_lora_rank": 16,
+        "image_size": 64,
+        "patch_size": 8,
+        "drop_path_rate": 0.0,
+    },
 }
 
 # The paper's recipe (docs/architecture.md §9), as defaults of the TrainingArguments flags.
 PAPER_DEFAULTS = dict(
-    learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, weight_decay=0.2,
-    lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0, remove_unused_columns=False,
-    logging_steps=10, save_strategy="epoch", save_total_limit=2, report_to="none",
+    learning_rate=1e-3,
+    adam_beta1=0.9,
+    adam_beta2=0.98,
+    adam_epsilon=1e-6,
+    weight_decay=0.2,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.1,
+    max_grad_norm=1.0,
+    remove_unused_columns=False,
+    logging_steps=10,
+    save_strategy="epoch",
+    save_total_limit=2,
+    report_to="none",
 )
 
 
@@ -92,17 +116,21 @@ class ModelArguments:
         metadata={"help": "Train from scratch: 'tiny', a preset ('B/32', 'B/16') or a config.json path."},
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "JSON merged into the config, e.g. '{\"vision_config\": {\"image_size\": 96}}'."}
+        default=None, metadata={"help": 'JSON merged into the config, e.g. \'{"vision_config": {"image_size": 96}}\'.'}
     )
     vision_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Train from scratch, but start the image tower from this checkpoint: a classifier saved by "
-                  "finetune_classification.py or any RWKV-CLIP directory (its vision architecture must match the config)."},
+        metadata={
+            "help": "Train from scratch, but start the image tower from this checkpoint: a classifier saved by "
+            "finetune_classification.py or any RWKV-CLIP directory (its vision architecture must match the config)."
+        },
     )
     freeze_vision_model: bool = field(
         default=False,
-        metadata={"help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower and the "
-                  "temperature train (RWKV-CLIP has no projection layers). Useful with --vision_model_name_or_path."},
+        metadata={
+            "help": "Keep the image tower fixed (locked-image tuning, as in LiT): only the text tower and the "
+            "temperature train (RWKV-CLIP has no projection layers). Useful with --vision_model_name_or_path."
+        },
     )
 
 
@@ -119,22 +147,28 @@ class DataArguments:
     )
     shapes_random_colors: float = field(
         default=0.0,
-        metadata={"help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
-                  "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."},
+        metadata={
+            "help": "With --generate_shapes: the fraction of scenes drawn in random colours of their colour "
+            "name's range instead of its exact value (make_shapes_dataset(random_colors=...))."
+        },
     )
     shapes_scene_size: int = field(
         default=1,
-        metadata={"help": "With --generate_shapes: scenes of up to this many images that differ in shape only "
-                  "(a 'scene' column; combine with --group_by_column scene for hard-negative batches)."},
+        metadata={
+            "help": "With --generate_shapes: scenes of up to this many images that differ in shape only "
+            "(a 'scene' column; combine with --group_by_column scene for hard-negative batches)."
+        },
     )
     group_by_column: str | None = field(
         default=None, metadata={"help": "Keep rows that share this column's value in one batch (hard negatives)."}
     )
     contrastive_micro_batches: int = field(
         default=1,
-        metadata={"help": "Split each batch into this many micro-batches with every negative kept (GradCache): "
-                  "the gradients of the whole batch with the memory of one micro-batch. Use it instead of "
-                  "--gradient_accumulation_steps, which gives each micro-batch only its own negatives."},
+        metadata={
+            "help": "Split each batch into this many micro-batches with every negative kept (GradCache): "
+            "the gradients of the whole batch with the memory of one micro-batch. Use it instead of "
+            "--gradient_accumulation_steps, which gives each micro-batch only its own negatives."
+        },
     )
     image_column: str = field(default="image")
     caption_columns: list[str] = field(default_factory=lambda: ["caption"])
@@ -145,8 +179,18 @@ class DataArguments:
 
 # The vision-config fields that define the tower's weights and computation (the rest are run-time settings).
 VISION_ARCHITECTURE_FIELDS = (
-    "hidden_size", "head_size", "num_hidden_layers", "intermediate_size", "mix_lora_rank",
-    "decay_lora_rank", "image_size", "patch_size", "num_channels", "token_shift", "layer_norm_eps", "group_norm_eps",
+    "hidden_size",
+    "head_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "mix_lora_rank",
+    "decay_lora_rank",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "token_shift",
+    "layer_norm_eps",
+    "group_norm_eps",
 )
 
 
@@ -156,14 +200,22 @@ def load_vision_tower(model: RWKVCLIPModel, path: str) -> None:
     source, info = RWKVCLIPForImageClassification.from_pretrained(path, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if k.startswith("vision_model.")]
     if missing:
-        raise SystemExit(f"--vision_model_name_or_path {path}: no image-tower weights for {missing[:5]} "
-                         f"({len(missing)} missing); give a classifier or RWKV-CLIP checkpoint")
+        raise SystemExit(
+            f"--vision_model_name_or_path {path}: no image-tower weights for {missing[:5]} "
+            f"({len(missing)} missing); give a classifier or RWKV-CLIP checkpoint"
+        )
     ours, theirs = model.config.vision_config, source.config.vision_config
-    differ = [f"{name}: config {getattr(ours, name)!r}, checkpoint {getattr(theirs, name)!r}"
-              for name in VISION_ARCHITECTURE_FIELDS if getattr(ours, name) != getattr(theirs, name)]
+    differ = [
+        f"{name}: config {getattr(ours, name)!r}, checkpoint {getattr(theirs, name)!r}"
+        for name in VISION_ARCHITECTURE_FIELDS
+        if getattr(ours, name) != getattr(theirs, name)
+    ]
     if differ:
-        raise SystemExit(f"--vision_model_name_or_path {path}: its vision tower differs from the model's config ("
-                         + "; ".join(differ) + "); make --config_name/--config_overrides match it")
+        raise SystemExit(
+            f"--vision_model_name_or_path {path}: its vision tower differs from the model's config ("
+            + "; ".join(differ)
+            + "); make --config_name/--config_overrides match it"
+        )
     model.vision_model.load_state_dict(source.vision_model.state_dict())
     logger.info("image tower initialised from %s", path)
 
@@ -171,8 +223,10 @@ def load_vision_tower(model: RWKVCLIPModel, path: str) -> None:
 def build_model(model_args: ModelArguments) -> RWKVCLIPModel:
     if model_args.model_name_or_path:
         if model_args.vision_model_name_or_path:
-            raise SystemExit("--vision_model_name_or_path starts a model from scratch; it does not combine with "
-                             "--model_name_or_path")
+            raise SystemExit(
+                "--vision_model_name_or_path starts a model from scratch; it does not combine with "
+                "--model_name_or_path"
+            )
         return AutoModel.from_pretrained(model_args.model_name_or_path)
     name = model_args.config_name or "tiny"
     if name == "tiny":
@@ -211,8 +265,12 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
     if data_args.generate_shapes:
         excluded = held_out_pairs() if data_args.exclude_held_out_pairs else ()
         dataset = make_shapes_dataset(
-            data_args.generate_shapes, seed=seed, image_size=max(image_size, 64), exclude_pairs=excluded,
-            scene_size=data_args.shapes_scene_size, random_colors=data_args.shapes_random_colors,
+            data_args.generate_shapes,
+            seed=seed,
+            image_size=max(image_size, 64),
+            exclude_pairs=excluded,
+            scene_size=data_args.shapes_scene_size,
+            random_colors=data_args.shapes_random_colors,
         )
     elif data_args.dataset_name:
         dataset = load_split(
@@ -220,7 +278,9 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
         )
     else:
         raise SystemExit("give --dataset_name or --generate_shapes N")
-    wanted = [data_args.image_column, *data_args.caption_columns] + ([data_args.group_by_column] if data_args.group_by_column else [])
+    wanted = [data_args.image_column, *data_args.caption_columns] + (
+        [data_args.group_by_column] if data_args.group_by_column else []
+    )
     missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
         raise SystemExit(f"columns {missing} not in the dataset (it has {dataset.column_names})")
@@ -248,7 +308,9 @@ def parse_arguments(argv: list[str] | None = None):
 def main():
     model_args, data_args, training_args = parse_arguments()
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+    )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
@@ -263,19 +325,29 @@ def main():
         processor = RWKVCLIPProcessor.from_bundled(config=model.config)
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     if training_args.world_size > 1 and training_args.process_index == 0:
-        logger.info("%d processes (%s), global batch %d", training_args.world_size, training_args.device.type,
-                    training_args.world_size * training_args.per_device_train_batch_size
-                    * training_args.gradient_accumulation_steps)
+        logger.info(
+            "%d processes (%s), global batch %d",
+            training_args.world_size,
+            training_args.device.type,
+            training_args.world_size
+            * training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps,
+        )
 
     train, validation = load_data(data_args, image_size, training_args.seed)
     transform = ContrastiveTransform(
-        processor, data_args.image_column, data_args.caption_columns, data_args.caption_probabilities,
+        processor,
+        data_args.image_column,
+        data_args.caption_columns,
+        data_args.caption_probabilities,
         seed=training_args.seed,
     )
     train.set_transform(transform)
     if validation is not None:
         # evaluation always sees the first caption column, so the validation loss is comparable across runs
-        validation.set_transform(ContrastiveTransform(processor, data_args.image_column, data_args.caption_columns[:1]))
+        validation.set_transform(
+            ContrastiveTransform(processor, data_args.image_column, data_args.caption_columns[:1])
+        )
     if training_args.eval_strategy == "no" and validation is not None:
         training_args.eval_strategy = training_args.save_strategy
 
@@ -300,8 +372,11 @@ def main():
     trainer.save_state()  # trainer_state.json: steps, global batch, log history
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        logger.info("saved model and processor to %s (logit scale %.3f)", training_args.output_dir,
-                    torch.exp(model.logit_scale).item())
+        logger.info(
+            "saved model and processor to %s (logit scale %.3f)",
+            training_args.output_dir,
+            torch.exp(model.logit_scale).item(),
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import sys
 import pytest
 import torch
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU the Triton Bi-WKV is tested under Triton's interpreter, which must be on before triton is first
 # imported (torch._dynamo imports it): tests/ops/test_bi_wkv_triton.py
@@ -16,7 +15,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 os.environ.setdefault("LOCAL_KERNELS", f"rwkv-clip-hf/bi-wkv={os.path.join(os.path.dirname(__file__), '..', 'cuda')}")
 
 from rwkv_clip_hf import RWKVCLIPConfig  # noqa: E402
-
 
 VOCAB, BOS, EOS = 120, 118, 119
 
@@ -50,12 +48,19 @@ def tiny_config(**overrides) -> RWKVCLIPConfig:
     return RWKVCLIPConfig(text_config=text, vision_config=vision, **overrides)
 
 
-def real_vocab_config(text_config: dict | None = None, vision_config: dict | None = None, **overrides) -> RWKVCLIPConfig:
+def real_vocab_config(
+    text_config: dict | None = None, vision_config: dict | None = None, **overrides
+) -> RWKVCLIPConfig:
     """`tiny_config` with CLIP's vocabulary and special ids (for the bundled tokenizer) and 32x32 images in 8x8
     patches; `text_config` / `vision_config` update those towers."""
     return tiny_config(
-        text_config={"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "max_position_embeddings": 77,
-                     **(text_config or {})},
+        text_config={
+            "vocab_size": 49408,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "max_position_embeddings": 77,
+            **(text_config or {}),
+        },
         vision_config={"image_size": 32, "patch_size": 8, "drop_path_rate": 0.0, **(vision_config or {})},
         **overrides,
     )

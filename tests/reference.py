@@ -78,7 +78,9 @@ def shift_text(x, head_size):
             if t > 0:
                 out[t, head_start : head_start + half] = x[t - 1, head_start : head_start + half]
             if t < seq_len - 1:
-                out[t, head_start + half : head_start + head_size] = x[t + 1, head_start + half : head_start + head_size]
+                out[t, head_start + half : head_start + head_size] = x[
+                    t + 1, head_start + half : head_start + head_size
+                ]
     return out
 
 
@@ -125,7 +127,9 @@ def run_blocks(x, state, prefix, config, shift):
         block = f"{prefix}encoder.layers.{layer}."
         n1, n2 = _params(state, block + "norm1."), _params(state, block + "norm2.")
         h = layer_norm(x, n1["weight"], n1["bias"], config.layer_norm_eps)
-        x = x + token_mix(h, _params(state, block + "token_mix."), shift, heads, config.head_size, config.group_norm_eps)
+        x = x + token_mix(
+            h, _params(state, block + "token_mix."), shift, heads, config.head_size, config.group_norm_eps
+        )
         h = layer_norm(x, n2["weight"], n2["bias"], config.layer_norm_eps)
         x = x + channel_mix(h, _params(state, block + "channel_mix."), shift)
     return x

@@ -10,7 +10,6 @@ import html
 import ftfy
 import regex
 
-
 START, END, CONTEXT = 49406, 49407, 77
 
 

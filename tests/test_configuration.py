@@ -15,10 +15,20 @@ def count(module):
 def test_presets_match_the_released_architectures(preset, patch, image_params):
     config = RWKVCLIPConfig.from_preset(preset)
     vision, text = config.vision_config, config.text_config
-    assert (vision.patch_size, vision.image_size, vision.hidden_size, vision.num_hidden_layers) == (patch, 224, 640, 12)
+    assert (vision.patch_size, vision.image_size, vision.hidden_size, vision.num_hidden_layers) == (
+        patch,
+        224,
+        640,
+        12,
+    )
     assert (vision.head_size, vision.num_attention_heads, vision.intermediate_size) == (80, 8, 3200)
     assert (text.hidden_size, text.num_hidden_layers, text.head_size, text.num_attention_heads) == (640, 6, 64, 10)
-    assert (text.intermediate_size, text.vocab_size, text.max_position_embeddings, text.pad_token_id) == (2240, 49408, 77, 0)
+    assert (text.intermediate_size, text.vocab_size, text.max_position_embeddings, text.pad_token_id) == (
+        2240,
+        49408,
+        77,
+        0,
+    )
     assert text.group_norm_eps == pytest.approx(1e-5 * 8**2) and vision.group_norm_eps == pytest.approx(1e-5)
     assert vision.drop_path_rate == pytest.approx(0.3) and config.projection_dim == 640
     with torch.device("meta"):

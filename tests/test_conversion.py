@@ -20,14 +20,12 @@ from safetensors import safe_open
 
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel
 
-
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSION_DIR = ROOT / "conversion"
 sys.path.insert(0, str(CONVERSION_DIR))
 
 import convert_rwkv_clip_original as conv  # noqa: E402
 import original_reference  # noqa: E402
-
 
 KEY_LISTING = Path(__file__).parent / "data" / "original_checkpoint_keys_b32.txt"
 
@@ -268,9 +266,10 @@ def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_pa
     captions against the reference fed with the original's own preprocessing (tests/reference_tokenizer.py,
     tests/test_image_processing.py)."""
     from huggingface_hub import ModelCard
+    from transformers import AutoModel, AutoProcessor, pipeline
+
     from reference_tokenizer import ReferenceTokenizer
     from test_image_processing import random_image, reference_pixels
-    from transformers import AutoModel, AutoProcessor, pipeline
 
     dims = {**TINY_B32, "vocab": 49408}  # the real vocabulary, so that the bundled tokenizer fits
     original = strip(synthetic_original(dims, seed=2))
@@ -299,8 +298,12 @@ def test_cli_script_then_auto_classes_and_pipeline_reproduce_the_original(tmp_pa
     assert "AutoProcessor.from_pretrained(repo)" in card.text
     # the repository serves users without the package: the code of the model and of the processor parts
     code = {path.name for path in output.glob("*.py")}
-    assert {"modeling_rwkv_clip.py", "tokenization_rwkv_clip.py", "image_processing_rwkv_clip.py",
-            "processing_rwkv_clip.py"} <= code
+    assert {
+        "modeling_rwkv_clip.py",
+        "tokenization_rwkv_clip.py",
+        "image_processing_rwkv_clip.py",
+        "processing_rwkv_clip.py",
+    } <= code
     assert "AutoTokenizer" in json.loads((output / "tokenizer_config.json").read_text())["auto_map"]
 
     processor = AutoProcessor.from_pretrained(output)
@@ -545,7 +548,12 @@ def test_overwrite_never_deletes_the_input_or_files_it_did_not_write(tmp_path, c
     config.parent.mkdir()
     config.write_text(json.dumps(original_config_json(TINY_B32)))
     before = _tree(tmp_path)
-    for output, inputs in ((source, []), (tmp_path, []), (source / "sub" / "..", []), (config.parent, ["--config", str(config)])):
+    for output, inputs in (
+        (source, []),
+        (tmp_path, []),
+        (source / "sub" / "..", []),
+        (config.parent, ["--config", str(config)]),
+    ):
         argv = ["--checkpoint", str(checkpoint), "--output", str(output), "--overwrite", *inputs]
         assert conv.main(argv) == 2, output
         err = capsys.readouterr().err
@@ -566,7 +574,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
         state["module.text_model.blocks.1.att.key.weight"][3, 4] = bad
 
     checkpoint = _edited_checkpoint(tmp_path / "model.pt", edit)
-    with pytest.raises(conv.ConversionError, match=r"non-finite values.*text_model\.blocks\.1\.att\.key\.weight \(1 of"):
+    with pytest.raises(
+        conv.ConversionError, match=r"non-finite values.*text_model\.blocks\.1\.att\.key\.weight \(1 of"
+    ):
         conv.convert_checkpoint(checkpoint, tmp_path / "out", verify=True)
     assert not (tmp_path / "out").exists()
 
@@ -575,8 +585,10 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
     "field, value, message",
     [("ctx_len", -5, "must be a positive integer"), ("ctx_len", None, "must be a positive integer"),
      ("ctx_len", 3.7, "must be a positive integer"), ("ctx_len", "77", "must be a positive integer"),
-     ("head_size_divisor", True, "must be a positive integer"), ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
-     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"), ("n_layer", None, "n_layer=None but the tensors give 2")],
+     ("head_size_divisor", True, "must be a positive integer"),
+     ("drop_path_rate", "0.1", r"must be a number in \[0, 1\)"),
+     ("drop_path_rate", 1.5, r"must be a number in \[0, 1\)"),
+     ("n_layer", None, "n_layer=None but the tensors give 2")],
 )  # fmt: skip
 def test_invalid_original_config_values_are_named(tmp_path, tiny_checkpoint, capsys, field, value, message):
     checkpoint, _ = tiny_checkpoint
@@ -700,7 +712,9 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, tiny_checkpoint, m
     assert "datasets:\n- LAION10M" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_push_to_hub_checks_access_first_and_can_push_a_converted_folder(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+def test_push_to_hub_checks_access_first_and_can_push_a_converted_folder(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
     checkpoint, _ = tiny_checkpoint
     uploads, state = [], {"token": False, "upload_fails": True}
 
@@ -721,8 +735,11 @@ def test_push_to_hub_checks_access_first_and_can_push_a_converted_folder(tmp_pat
     monkeypatch.setattr(conv, "HfApi", FakeApi)
     argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
     # invalid ids and a missing login are refused before converting: nothing written
-    for repo, message in (("not a/valid id", "is not a valid repository id"), ("just-a-name", "NAMESPACE/NAME"),
-                          ("me/model", "cannot use the Hub .*no token found.*hf auth login")):
+    for repo, message in (
+        ("not a/valid id", "is not a valid repository id"),
+        ("just-a-name", "NAMESPACE/NAME"),
+        ("me/model", "cannot use the Hub .*no token found.*hf auth login"),
+    ):
         assert conv.main([*argv, "--push-to-hub", repo]) == 2
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err, err

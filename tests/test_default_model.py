@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_tokenizer import ReferenceTokenizer
 from transformers import AutoModel, AutoProcessor
 
 import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 
+from reference_tokenizer import ReferenceTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(rwkv_clip_hf.default_model_path())
@@ -49,19 +49,26 @@ def check_card(card: str, results: dict) -> None:
     vision = results.pop("step_1_classifier", None)
     if vision is not None:
         shape_right = (
-            f"{100 * vision['held_back']:.1f} % accuracy on the held-back images. On the evaluation's new images (exact "
-            "named colours) {} " f"{100 * vision['seen']:.1f} % of the time on seen pairs "
+            f"{100 * vision['held_back']:.1f} % accuracy on the held-back images. "
+            "On the evaluation's new images (exact named colours) {} "
+            f"{100 * vision['seen']:.1f} % of the time on seen pairs "
             f"and {100 * vision['held_out']:.1f} % on the held-out pairs"
         )
         wordings = ("its top class has the right shape", "its highest-scoring shape class is the right one")
         assert any(shape_right.format(wording) in text for wording in wordings)
         if "seen_color" in vision:
-            assert f"; the right colour {100 * vision['seen_color']:.1f} % and {100 * vision['held_out_color']:.1f} % of the time." in text
+            assert (
+                f"; the right colour {100 * vision['seen_color']:.1f} % and "
+                f"{100 * vision['held_out_color']:.1f} % of the time." in text
+            )
     for name, result in results.items():
         assert f"| {name.replace('_', ' ')} | {result['classes']} | {100 * result['accuracy']:.1f} % |" in card
     # the held-out breakdown and the verdict are derived from the same evaluation, not written by hand
     held_out = results["held_out_color_shape"]
-    assert f"colour right {100 * held_out['color_right']:.1f} % and the shape right {100 * held_out['shape_right']:.1f} %" in text
+    assert (
+        f"colour right {100 * held_out['color_right']:.1f} % and the shape right {100 * held_out['shape_right']:.1f} %"
+        in text
+    )
     verdict = "is met" if held_out["accuracy"] >= 0.9 else "is not reached"
     assert f"in training, {verdict} ({100 * held_out['accuracy']:.1f} %)" in text
 
@@ -76,9 +83,27 @@ def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path, va
     """`make default-model` at toy sizes (its recipe, and a variant): both training steps, the step-1 check, the
     zero-shot evaluation, and a bundle whose card reports the run's own figures."""
     output = tmp_path / "model"
-    command = [sys.executable, str(ROOT / "examples" / "build_default_model.py"), "--output", str(output),
-               "--work-dir", str(tmp_path / "work"), "--pretrain-samples", "40", "--pretrain-epochs", "1",
-               "--train-samples", "32", "--epochs", "1", "--eval-samples", "12", "--batch-size", "16", *variant]
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "build_default_model.py"),
+        "--output",
+        str(output),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--pretrain-samples",
+        "40",
+        "--pretrain-epochs",
+        "1",
+        "--train-samples",
+        "32",
+        "--epochs",
+        "1",
+        "--eval-samples",
+        "12",
+        "--batch-size",
+        "16",
+        *variant,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     results = json.loads((output / "eval_results.json").read_text())
@@ -90,12 +115,16 @@ def test_build_script_trains_evaluates_and_writes_a_consistent_card(tmp_path, va
     assert not output.with_name("model.tmp").exists()
     # the package serves the code: no remote-code files or auto_map entries pointing at them
     assert not list(output.glob("*.py"))
-    assert not any("auto_map" in (output / name).read_text() for name in ("config.json", "processor_config.json",
-                                                                          "tokenizer_config.json"))
+    assert not any(
+        "auto_map" in (output / name).read_text()
+        for name in ("config.json", "processor_config.json", "tokenizer_config.json")
+    )
     # the recipe's step 2 keeps step 1's image tower (up to the float16 storage); --no-freeze-vision trains it
     classifier = RWKVCLIPForImageClassification.from_pretrained(tmp_path / "work" / "vision")
     assert classifier.config.num_labels == (14 if variant else 48)
-    assert classifier.config.problem_type == ("multi_label_classification" if variant else "single_label_classification")
+    assert classifier.config.problem_type == (
+        "multi_label_classification" if variant else "single_label_classification"
+    )
     tower = classifier.vision_model.state_dict()
     same = [torch.equal(tower[k].half().float(), v) for k, v in model.vision_model.state_dict().items()]
     assert all(same) if not variant else not all(same)

@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import randomize_, real_vocab_config
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -20,6 +19,7 @@ import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs
 
+from conftest import randomize_, real_vocab_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,9 @@ def test_vision_tower_comes_from_the_classifier_and_the_text_tower_from_scratch(
     config = short_context_config()
     classifier = save_classifier(tmp_path / "cls", config, seed=1)
     torch.manual_seed(0)
-    model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "cls")))
+    model = contrastive.build_model(
+        model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "cls"))
+    )
     torch.manual_seed(0)
     fresh = contrastive.build_model(model_arguments(contrastive, config))
     assert type(model) is RWKVCLIPModel
@@ -78,7 +80,9 @@ def test_vision_tower_from_a_full_rwkv_clip_checkpoint(tmp_path, contrastive):
     config = short_context_config()
     source = randomize_(RWKVCLIPModel(config), seed=2)
     source.save_pretrained(tmp_path / "clip")
-    model = contrastive.build_model(model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "clip")))
+    model = contrastive.build_model(
+        model_arguments(contrastive, config, vision_model_name_or_path=str(tmp_path / "clip"))
+    )
     for name, tensor in source.vision_model.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], tensor), name
     assert not torch.equal(model.text_model.token_embedding.weight, source.text_model.token_embedding.weight)
@@ -101,7 +105,11 @@ def test_classification_example_excludes_held_out_pairs():
     classification = load_example("finetune_classification")
     arguments = classification.Arguments(model_name_or_path="unused", generate_shapes=300, exclude_held_out_pairs=True)
     train, evaluation = classification.load_splits(arguments, seed=0)
-    seen = {(row["color"], row["shape"]) for split in (train, evaluation) for row in split.select_columns(["color", "shape"])}
+    seen = {
+        (row["color"], row["shape"])
+        for split in (train, evaluation)
+        for row in split.select_columns(["color", "shape"])
+    }
     assert len(train) + len(evaluation) == 300
     assert not seen & set(held_out_pairs())
     assert len(seen) == len(COLORS) * len(SHAPES) - len(held_out_pairs())  # 300 images cover every other pair
@@ -116,8 +124,13 @@ def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(
     arguments = classification.Arguments(
         model_name_or_path="unused", generate_shapes=200, exclude_held_out_pairs=True, shapes_label=label
     )
-    names = {"shape": SHAPES, "color": list(COLORS), "pair": [f"{c} {s}" for c in COLORS for s in SHAPES],
-             "shape_or_color": SHAPES + list(COLORS), "shape_and_color": SHAPES + list(COLORS)}[label]
+    names = {
+        "shape": SHAPES,
+        "color": list(COLORS),
+        "pair": [f"{c} {s}" for c in COLORS for s in SHAPES],
+        "shape_or_color": SHAPES + list(COLORS),
+        "shape_and_color": SHAPES + list(COLORS),
+    }[label]
     by = []
     for split in classification.load_splits(arguments, seed=0):
         feature = split.features["label"]
@@ -141,8 +154,19 @@ def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(
         assert len(by) == 200 and sum(by) == 100
     if label == "pair":  # an unknown kind of label is refused by the argument parser, naming the choices
         result = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--shapes_label", "size",
-             "--output_dir", "unused", "--model_name_or_path", "unused"], capture_output=True, text=True, timeout=120
+            [
+                sys.executable,
+                str(ROOT / "examples" / "finetune_classification.py"),
+                "--shapes_label",
+                "size",
+                "--output_dir",
+                "unused",
+                "--model_name_or_path",
+                "unused",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 2 and "invalid choice: 'size'" in result.stderr, result.stderr[-2000:]
 
@@ -151,14 +175,28 @@ def test_classification_example_labels_generated_shapes_by_shape_colour_or_pair(
 def test_classification_example_refuses_labels_that_are_not_class_indices(tmp_path, labels):
     """Plain (not ClassLabel) label columns must hold the class indices 0..N-1, single or multi-label."""
     images = [Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue")]
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"image": images, "label": labels}),
-        "test": datasets.Dataset.from_dict({"image": images, "label": labels}),
-    }).save_to_disk(str(tmp_path / "data"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"image": images, "label": labels}),
+            "test": datasets.Dataset.from_dict({"image": images, "label": labels}),
+        }
+    ).save_to_disk(str(tmp_path / "data"))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--output_dir", str(tmp_path / "out"),
-         "--model_name_or_path", "unused", "--dataset_name", str(tmp_path / "data"), "--eval_split", "test"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "finetune_classification.py"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--model_name_or_path",
+            "unused",
+            "--dataset_name",
+            str(tmp_path / "data"),
+            "--eval_split",
+            "test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "label column 'label' must be a ClassLabel" in result.stderr, result.stderr[-2000:]
@@ -193,17 +231,44 @@ def test_diverging_training_exits_non_zero_without_saving(tmp_path, script):
     config = short_context_config()
     RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
     RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
-    command = [sys.executable, str(ROOT / "examples" / f"{script}.py"), "--output_dir", str(tmp_path / "out"),
-               "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--num_train_epochs", "4",
-               "--per_device_train_batch_size", "16", "--learning_rate", "1e6", "--warmup_steps", "0",
-               "--save_strategy", "no", "--eval_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
-               "--use_cpu", "True", "--validation_fraction", "0.25"]
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / f"{script}.py"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_name_or_path",
+        str(tmp_path / "init"),
+        "--generate_shapes",
+        "48",
+        "--num_train_epochs",
+        "4",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "1e6",
+        "--warmup_steps",
+        "0",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "True",
+        "--use_cpu",
+        "True",
+        "--validation_fraction",
+        "0.25",
+    ]
     if script == "finetune_classification":
         command += ["--load_best_model_at_end", "False"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "error: training diverged at optimizer step" in result.stderr, result.stderr[-3000:]
-    assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "eval_results.json").exists()
+    assert (
+        not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "eval_results.json").exists()
+    )
 
 
 def test_torchrun_two_cpu_processes_train_data_parallel_with_one_writer(tmp_path):
@@ -211,11 +276,37 @@ def test_torchrun_two_cpu_processes_train_data_parallel_with_one_writer(tmp_path
     two gloo ranks splitting the data (half the optimizer steps of one process: global batch 2 x 8), one output."""
     config = short_context_config()
     overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "ddp"),
-               "--generate_shapes", "32", "--config_name", "tiny", "--config_overrides", json.dumps(overrides),
-               "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--validation_fraction", "0",
-               "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--logging_steps", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "examples" / "train_contrastive.py"),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--generate_shapes",
+        "32",
+        "--config_name",
+        "tiny",
+        "--config_overrides",
+        json.dumps(overrides),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--validation_fraction",
+        "0",
+        "--save_strategy",
+        "no",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "True",
+        "--logging_steps",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     output = result.stdout + result.stderr
@@ -242,8 +333,9 @@ def test_both_training_examples_read_both_saved_layouts(tmp_path, contrastive, l
         contrastive.DataArguments(dataset_name=str(tmp_path / "data"), validation_fraction=0), 32, seed=0
     )
     assert train["caption"] == ["r", "g", "b", "w"]
-    arguments = classification.Arguments(model_name_or_path="unused", dataset_name=str(tmp_path / "data"),
-                                         validation_fraction=0.25)
+    arguments = classification.Arguments(
+        model_name_or_path="unused", dataset_name=str(tmp_path / "data"), validation_fraction=0.25
+    )
     train, evaluation = classification.load_splits(arguments, seed=0)
     assert len(train) + len(evaluation) == 4
     arguments.eval_split = "test"
@@ -251,11 +343,15 @@ def test_both_training_examples_read_both_saved_layouts(tmp_path, contrastive, l
         train, evaluation = classification.load_splits(arguments, seed=0)
         assert (len(train), len(evaluation)) == (4, 2)
         arguments.train_split = "training"
-        with pytest.raises(SystemExit, match=r"has no split 'training'; available splits: \['train', 'test'\] \(choose with --train_split\)"):
+        with pytest.raises(
+            SystemExit,
+            match=r"has no split 'training'; available splits: \['train', 'test'\] \(choose with --train_split\)",
+        ):
             classification.load_splits(arguments, seed=0)
         with pytest.raises(SystemExit, match=r"no split 'training'; .*\(choose with --train_split\)"):
-            contrastive.load_data(contrastive.DataArguments(dataset_name=str(tmp_path / "data"), train_split="training"),
-                                  32, seed=0)
+            contrastive.load_data(
+                contrastive.DataArguments(dataset_name=str(tmp_path / "data"), train_split="training"), 32, seed=0
+            )
     else:
         with pytest.raises(SystemExit, match="a single dataset without splits: drop --eval_split"):
             classification.load_splits(arguments, seed=0)
@@ -266,8 +362,14 @@ def test_both_training_examples_read_both_saved_layouts(tmp_path, contrastive, l
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_both_examples_pass_random_colors_to_the_generator(contrastive, fraction):
     classification = load_example("finetune_classification")
-    arguments = classification.Arguments(model_name_or_path="unused", generate_shapes=60, shapes_random_colors=fraction)
-    rows = [row for split in classification.load_splits(arguments, seed=0) for row in split.select_columns(["color", "rgb"])]
+    arguments = classification.Arguments(
+        model_name_or_path="unused", generate_shapes=60, shapes_random_colors=fraction
+    )
+    rows = [
+        row
+        for split in classification.load_splits(arguments, seed=0)
+        for row in split.select_columns(["color", "rgb"])
+    ]
     data = contrastive.load_data(
         contrastive.DataArguments(generate_shapes=60, shapes_random_colors=fraction, validation_fraction=0), 64, seed=0
     )
@@ -284,20 +386,69 @@ def test_two_stage_training_runs_end_to_end(tmp_path):
     config = short_context_config()
     RWKVCLIPModel(config).save_pretrained(tmp_path / "init")
     RWKVCLIPProcessor.from_bundled(image_size=32, context_length=16).save_pretrained(tmp_path / "init")
-    common = ["--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--save_strategy", "no",
-              "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--use_cpu", "True"]
-    stage_1 = [sys.executable, str(ROOT / "examples" / "finetune_classification.py"), "--output_dir", str(tmp_path / "cls"),
-               "--model_name_or_path", str(tmp_path / "init"), "--generate_shapes", "48", "--exclude_held_out_pairs",
-               "--shapes_random_colors", "1", "--num_train_epochs", "1", "--eval_strategy", "no", "--load_best_model_at_end", "False", *common]
+    common = [
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "3e-3",
+        "--save_strategy",
+        "no",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "True",
+        "--use_cpu",
+        "True",
+    ]
+    stage_1 = [
+        sys.executable,
+        str(ROOT / "examples" / "finetune_classification.py"),
+        "--output_dir",
+        str(tmp_path / "cls"),
+        "--model_name_or_path",
+        str(tmp_path / "init"),
+        "--generate_shapes",
+        "48",
+        "--exclude_held_out_pairs",
+        "--shapes_random_colors",
+        "1",
+        "--num_train_epochs",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "False",
+        *common,
+    ]
     result = subprocess.run(stage_1, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     accuracy = json.loads((tmp_path / "cls" / "eval_results.json").read_text())["eval_accuracy"]
     assert 0.0 <= accuracy <= 1.0
     overrides = {key: getattr(config, key).to_diff_dict() for key in ("text_config", "vision_config")}
-    stage_2 = [sys.executable, str(ROOT / "examples" / "train_contrastive.py"), "--output_dir", str(tmp_path / "clip"),
-               "--generate_shapes", "32", "--exclude_held_out_pairs", "--shapes_random_colors", "0.5", "--config_name", "tiny",
-               "--config_overrides", json.dumps(overrides), "--vision_model_name_or_path", str(tmp_path / "cls"),
-               "--caption_columns", "captions", "--num_train_epochs", "1", "--validation_fraction", "0", *common]
+    stage_2 = [
+        sys.executable,
+        str(ROOT / "examples" / "train_contrastive.py"),
+        "--output_dir",
+        str(tmp_path / "clip"),
+        "--generate_shapes",
+        "32",
+        "--exclude_held_out_pairs",
+        "--shapes_random_colors",
+        "0.5",
+        "--config_name",
+        "tiny",
+        "--config_overrides",
+        json.dumps(overrides),
+        "--vision_model_name_or_path",
+        str(tmp_path / "cls"),
+        "--caption_columns",
+        "captions",
+        "--num_train_epochs",
+        "1",
+        "--validation_fraction",
+        "0",
+        *common,
+    ]
     result = subprocess.run(stage_2, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "image tower initialised from" in result.stdout + result.stderr
@@ -331,7 +482,7 @@ def test_similarity_heatmap_writes_the_matrix_of_the_model(tmp_path, capsys):
     inputs = processor(text=captions, images=[Image.open(p) for p in images], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits_per_text / model.logit_scale.exp()
-    rows = [[float(v) for v in line.split()[-len(images):]] for line in printed[1:3]]
+    rows = [[float(v) for v in line.split()[-len(images) :]] for line in printed[1:3]]
     assert torch.allclose(torch.tensor(rows), expected, atol=6e-4), (rows, expected)
     with Image.open(output) as png:
         assert png.format == "PNG" and png.width > 300

@@ -9,11 +9,11 @@ import random
 
 import pytest
 import torch
-from conftest import BOS, EOS, VOCAB, randomize_, tiny_config
 
 from rwkv_clip_hf import RWKVCLIPModel
 from rwkv_clip_hf.modeling_rwkv_clip import canonical_text_ids
 
+from conftest import BOS, EOS, VOCAB, randomize_, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -73,7 +73,9 @@ def test_export_text_tower_with_dynamic_batch(model):
     batch = torch.export.Dim("batch", min=1, max=64)
     ids, mask = text_batch(2)
     exported = torch.export.export(
-        tower, (), {"input_ids": ids, "attention_mask": mask},
+        tower,
+        (),
+        {"input_ids": ids, "attention_mask": mask},
         dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
     )
     ids, mask = text_batch(5, seed=1)
@@ -97,7 +99,9 @@ def test_export_dual_encoder_with_dynamic_batches(model):
     ids, mask = text_batch(2)
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 32, 32)}
     exported = torch.export.export(
-        model, (), inputs,
+        model,
+        (),
+        inputs,
         dynamic_shapes={"input_ids": {0: texts}, "attention_mask": {0: texts}, "pixel_values": {0: images}},
     )
     ids, mask = text_batch(4, seed=2)
@@ -133,7 +137,11 @@ def onnx_check(tower, inputs: dict, new_inputs: dict, tmp_path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     program = torch.onnx.export(
-        tower, (), kwargs=inputs, dynamo=True, output_names=["last_hidden_state", "pooler_output"],
+        tower,
+        (),
+        kwargs=inputs,
+        dynamo=True,
+        output_names=["last_hidden_state", "pooler_output"],
         dynamic_shapes={name: {0: "batch"} for name in inputs},
     )
     program.save(str(tmp_path / "tower.onnx"))
@@ -150,16 +158,24 @@ def onnx_check(tower, inputs: dict, new_inputs: dict, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_onnx_export_vision_tower(model, tmp_path):
-    onnx_check(model.vision_model, {"pixel_values": torch.randn(2, 3, 32, 32)},
-               {"pixel_values": torch.randn(3, 3, 32, 32)}, tmp_path)
+    onnx_check(
+        model.vision_model,
+        {"pixel_values": torch.randn(2, 3, 32, 32)},
+        {"pixel_values": torch.randn(3, 3, 32, 32)},
+        tmp_path,
+    )
 
 
 @pytest.mark.slow
 def test_onnx_export_text_tower(model, tmp_path):
     ids, mask = text_batch(2)
     new_ids, new_mask = text_batch(5, seed=5)
-    onnx_check(model.text_model, {"input_ids": ids, "attention_mask": mask},
-               {"input_ids": new_ids, "attention_mask": new_mask}, tmp_path)
+    onnx_check(
+        model.text_model,
+        {"input_ids": ids, "attention_mask": mask},
+        {"input_ids": new_ids, "attention_mask": new_mask},
+        tmp_path,
+    )
 
 
 @pytest.fixture
@@ -196,7 +212,9 @@ def test_export_towers_on_the_kernel(kernel_model):
     text = kernel_model.text_model
     ids, mask = text_batch(2)
     exported = torch.export.export(
-        text, (), {"input_ids": ids, "attention_mask": mask},
+        text,
+        (),
+        {"input_ids": ids, "attention_mask": mask},
         dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
     )
     ids, mask = text_batch(4, seed=6)

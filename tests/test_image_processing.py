@@ -8,7 +8,6 @@ from transformers import CLIPImageProcessorPil
 
 from rwkv_clip_hf import RWKVCLIPImageProcessor
 
-
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
@@ -77,11 +76,21 @@ def test_arrays_and_tensors_equal_pil(processor):
     image = random_image(300, 227, "RGB")
     hwc = np.array(image)
     expected = reference_pixels(image)
-    for variant in (hwc, hwc.transpose(2, 0, 1), torch.from_numpy(hwc.copy()), torch.from_numpy(hwc.copy()).permute(2, 0, 1)):
-        torch.testing.assert_close(processor(variant, return_tensors="pt")["pixel_values"][0], expected, rtol=0, atol=1e-5)
+    for variant in (
+        hwc,
+        hwc.transpose(2, 0, 1),
+        torch.from_numpy(hwc.copy()),
+        torch.from_numpy(hwc.copy()).permute(2, 0, 1),
+    ):
+        torch.testing.assert_close(
+            processor(variant, return_tensors="pt")["pixel_values"][0], expected, rtol=0, atol=1e-5
+        )
     gray = np.array(image.convert("L"))
     torch.testing.assert_close(
-        processor(gray, return_tensors="pt")["pixel_values"][0], reference_pixels(image.convert("L")), rtol=0, atol=1e-5
+        processor(gray, return_tensors="pt")["pixel_values"][0],
+        reference_pixels(image.convert("L")),
+        rtol=0,
+        atol=1e-5,
     )
 
 
@@ -164,8 +173,14 @@ def _with_nan(array):
         (_with_nan(np.full((3, 8, 8), 0.5, dtype=np.float32)), r"float images must not hold NaN, got 1 NaN"),
         (torch.from_numpy(_with_nan(np.full((8, 8, 3), 0.5, dtype=np.float64))), r"must not hold NaN"),
         (np.full((3, 8, 8), np.inf, dtype=np.float32), r"\[0, 1\], got range \[inf, inf\]"),
-        (Image.fromarray(_with_nan(np.full((8, 8), 0.5, dtype=np.float32)), "F"), r'PIL "F" \(float\) images must not hold NaN'),
-        (Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32), "F"), r'PIL "F" \(float\) images must hold values in \[0, 1\], got range \[3.0, 3.0\]'),
+        (
+            Image.fromarray(_with_nan(np.full((8, 8), 0.5, dtype=np.float32)), "F"),
+            r'PIL "F" \(float\) images must not hold NaN',
+        ),
+        (
+            Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32), "F"),
+            r'PIL "F" \(float\) images must hold values in \[0, 1\], got range \[3.0, 3.0\]',
+        ),
         (Image.new("RGB", (0, 0)), r"empty image \(0x0 PIL image\)"),
         (Image.new("L", (5, 0)), r"empty image \(5x0 PIL image\)"),
     ],

@@ -9,8 +9,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, EOS, VOCAB, randomize_, tiny_config
-from reference import original_ids, text_tower, vision_tower
 
 from rwkv_clip_hf import (
     RWKVCLIPConfig,
@@ -18,6 +16,9 @@ from rwkv_clip_hf import (
     RWKVCLIPTextModel,
     RWKVCLIPVisionModel,
 )
+
+from conftest import BOS, EOS, VOCAB, randomize_, tiny_config
+from reference import original_ids, text_tower, vision_tower
 
 
 def random_captions(lengths, seed=0):

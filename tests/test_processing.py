@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
-from reference_tokenizer import ReferenceTokenizer
-from test_image_processing import random_image, reference_pixels
 from transformers import AutoModel, AutoProcessor, pipeline
 
 from rwkv_clip_hf import RWKVCLIPImageProcessor, RWKVCLIPModel, RWKVCLIPProcessor, RWKVCLIPTokenizer
 
+from conftest import randomize_, tiny_config
+from reference_tokenizer import ReferenceTokenizer
+from test_image_processing import random_image, reference_pixels
 
 BPE_PATH = Path(__file__).resolve().parents[1] / "src" / "rwkv_clip_hf" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 IMAGE_SIZE = 32
@@ -77,7 +77,9 @@ def test_processor_gives_original_inputs(reference_tokenizer):
     images = [random_image(300, 227, "RGB"), random_image(227, 301, "P", seed=1)]
     batch = processor(text=LABELS, images=images, padding="max_length", return_tensors="pt")
     assert batch["input_ids"].tolist() == [reference_tokenizer(label) for label in LABELS]
-    torch.testing.assert_close(batch["pixel_values"], torch.stack([reference_pixels(im) for im in images]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch["pixel_values"], torch.stack([reference_pixels(im) for im in images]), rtol=0, atol=1e-5
+    )
 
 
 def test_auto_model_and_processor_from_saved_dir(saved_model):
@@ -144,7 +146,6 @@ def test_pipeline_clear_errors(saved_model):
         classifier(12345, candidate_labels=["a"])
     with pytest.raises((TypeError, ValueError, OSError)):
         classifier(np.zeros(3), candidate_labels=["a"])
-
 
 
 def test_processor_for_the_bundled_model_matches_the_saved_one(caplog):

@@ -11,12 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, real_vocab_config
-from test_image_processing import random_image
-from test_tokenization import TRICKY
 
 from rwkv_clip_hf import RWKVCLIPModel, RWKVCLIPProcessor
 
+from conftest import randomize_, real_vocab_config
+from test_image_processing import random_image
+from test_tokenization import TRICKY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -42,7 +42,12 @@ def test_every_combination_is_laid_out_inside_the_image():
                     centres, radius = layout(size, position, count, 64, rng)
                     assert len(centres) == count and radius > 4
                     for cx, cy in centres:
-                        assert 1 + radius <= cx + 1e-9 and cx + radius <= 62 + 1e-9 and 1 + radius <= cy + 1e-9 and cy + radius <= 62 + 1e-9
+                        assert (
+                            1 + radius <= cx + 1e-9
+                            and cx + radius <= 62 + 1e-9
+                            and 1 + radius <= cy + 1e-9
+                            and cy + radius <= 62 + 1e-9
+                        )
                     # the copies do not overlap
                     for i in range(count - 1):
                         gap = np.hypot(centres[i + 1][0] - centres[i][0], centres[i + 1][1] - centres[i][1])

@@ -3,11 +3,11 @@ side, while the tower itself runs on the original's normalised layout."""
 
 import pytest
 import torch
-from conftest import BOS, EOS, randomize_, tiny_config
-from reference import original_ids, text_tower
 
 from rwkv_clip_hf import RWKVCLIPTextModel
 
+from conftest import BOS, EOS, randomize_, tiny_config
+from reference import original_ids, text_tower
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,8 +24,8 @@ def test_left_padded_states_line_up_with_the_input(tower):
     ids = torch.full((2, width), 3)
     mask = torch.zeros(2, width, dtype=torch.long)
     for row, caption in enumerate(captions):
-        ids[row, width - len(caption):] = torch.tensor(caption)
-        mask[row, width - len(caption):] = 1
+        ids[row, width - len(caption) :] = torch.tensor(caption)
+        mask[row, width - len(caption) :] = 1
     canonical = torch.tensor([original_ids(c, config.max_position_embeddings, EOS) for c in captions])
     tokens, pooled = text_tower(canonical, tower.state_dict(), config)  # float64 reference, original layout
     tokens = torch.stack(tokens)

@@ -3,12 +3,11 @@ from pathlib import Path
 
 import ftfy
 import pytest
-import torch
-from reference_tokenizer import ReferenceTokenizer
 
 from rwkv_clip_hf import RWKVCLIPTokenizer
 from rwkv_clip_hf.tokenization_rwkv_clip import clean_text
 
+from reference_tokenizer import ReferenceTokenizer
 
 BPE_PATH = Path(__file__).resolve().parents[1] / "src" / "rwkv_clip_hf" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -96,10 +95,7 @@ def test_long_caption_keeps_end_token(tokenizer):
 
 def test_random_strings_equal_reference(tokenizer, reference):
     rng = random.Random(0)
-    alphabet = (
-        "abcXYZ019 !?.,'&;#<>/-_\t\n"
-        + "éÉßçøÃ©â€™\xa0\u200b\u0301ΣσςΟ日本語🙂👍\x1b\x00\x7f"
-    )
+    alphabet = "abcXYZ019 !?.,'&;#<>/-_\t\n" + "éÉßçøÃ©â€™\xa0\u200b\u0301ΣσςΟ日本語🙂👍\x1b\x00\x7f"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(300)]
     texts += ["&" + rng.choice(["amp;", "lt;", "#38;", "amp;amp;", "nbsp;", "x;"]) + "x" for _ in range(20)]
     got = tokenizer(texts, padding="max_length")["input_ids"]

@@ -4,8 +4,6 @@ image-feature-extraction pipeline serves a full directory."""
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, real_vocab_config
-from test_image_processing import random_image
 from transformers import pipeline
 
 from rwkv_clip_hf import (
@@ -16,6 +14,8 @@ from rwkv_clip_hf import (
     RWKVCLIPVisionModel,
 )
 
+from conftest import randomize_, real_vocab_config
+from test_image_processing import random_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,8 +36,9 @@ def assert_same_weights(loaded: torch.nn.Module, expected: torch.nn.Module) -> N
         assert torch.equal(got[key], want[key]), key
 
 
-@pytest.mark.parametrize(("tower_class", "attribute"), [(RWKVCLIPVisionModel, "vision_model"),
-                                                         (RWKVCLIPTextModel, "text_model")])
+@pytest.mark.parametrize(
+    ("tower_class", "attribute"), [(RWKVCLIPVisionModel, "vision_model"), (RWKVCLIPTextModel, "text_model")]
+)
 def test_tower_from_full_directory_is_the_trained_tower(full_dir, tmp_path, tower_class, attribute):
     path, model = full_dir
     tower, info = tower_class.from_pretrained(path, output_loading_info=True)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import randomize_, real_vocab_config
 from transformers import EvalPrediction
 
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
@@ -32,6 +31,7 @@ from rwkv_clip_hf.training import (
     paper_training_arguments,
 )
 
+from conftest import randomize_, real_vocab_config
 
 IMAGE_SIZE = 32  # the image size of conftest.real_vocab_config
 
@@ -63,7 +63,9 @@ def test_contrastive_loss_falls_under_trainer(tmp_path, processor, shapes):
         seed=0,
         use_cpu=True,
     )
-    trainer = RWKVCLIPTrainer(model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer))
+    trainer = RWKVCLIPTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=ContrastiveCollator(processor.tokenizer)
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 60
@@ -120,7 +122,9 @@ def test_non_finite_weights_are_named():
     class State:
         global_step, epoch = 5, 1.25
 
-    with pytest.raises(NonFiniteTrainingError, match=r"step 5 \(epoch 1.25\): the weights .*text_model\.final_layer_norm"):
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"step 5 \(epoch 1.25\): the weights .*text_model\.final_layer_norm"
+    ):
         NonFiniteTrainingCallback().on_step_end(None, State(), None, model=model)
 
 
@@ -164,8 +168,12 @@ def test_trainer_group_by_column_batches_whole_scenes(tmp_path):
     scenes = list(data["scene"])
     data = data.with_transform(lambda batch: {"scene": batch["scene"]})
     args = paper_training_arguments(str(tmp_path), per_device_train_batch_size=12, use_cpu=True, seed=0)
-    kwargs = dict(model=RWKVCLIPModel(real_vocab_config()), args=args, train_dataset=data,
-                  data_collator=lambda rows: {"scene": torch.tensor([r["scene"] for r in rows])})
+    kwargs = dict(
+        model=RWKVCLIPModel(real_vocab_config()),
+        args=args,
+        train_dataset=data,
+        data_collator=lambda rows: {"scene": torch.tensor([r["scene"] for r in rows])},
+    )
     order, runs = _scene_runs(RWKVCLIPTrainer(**kwargs, group_by_column="scene"))
     assert sorted(order) == sorted(scenes)
     assert len(runs) == len(set(scenes))  # each scene's rows come one after another
@@ -282,9 +290,7 @@ def test_two_process_loss_and_gradients_equal_single_process(tmp_path, processor
     assert torch.equal(ContrastiveLoss()(outputs.image_embeds, outputs.text_embeds, model.logit_scale), loss)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    context = mp.spawn(
-        _distributed_worker, args=(2, _free_port(), state, inputs, str(tmp_path)), nprocs=2, join=False
-    )
+    context = mp.spawn(_distributed_worker, args=(2, _free_port(), state, inputs, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not context.join(timeout=2):  # a hung collective must fail the test, not stall CI
         if time.monotonic() > deadline:
@@ -425,7 +431,9 @@ def test_contrastive_accumulation_replays_drop_path(processor, shapes):
     model.zero_grad()
     torch.manual_seed(4)
     contrastive_accumulation_step(model, inputs, loss_fn, micro_batches=3)
-    assert not torch.allclose(model.vision_model.post_layernorm.weight.grad, expected["vision_model.post_layernorm.weight"])
+    assert not torch.allclose(
+        model.vision_model.post_layernorm.weight.grad, expected["vision_model.post_layernorm.weight"]
+    )
 
 
 def test_trainer_contrastive_micro_batches_step_equals_one_batch(tmp_path, processor, shapes):
@@ -447,7 +455,9 @@ def test_trainer_contrastive_micro_batches_step_equals_one_batch(tmp_path, proce
         trainer.train()
         states[micro_batches] = {k: v.clone() for k, v in model.state_dict().items()}
     initial = randomize_(RWKVCLIPModel(real_vocab_config()), seed=6).state_dict()
-    assert not torch.equal(states[1]["text_model.token_embedding.weight"], initial["text_model.token_embedding.weight"])
+    assert not torch.equal(
+        states[1]["text_model.token_embedding.weight"], initial["text_model.token_embedding.weight"]
+    )
     for name, value in states[1].items():
         torch.testing.assert_close(states[4][name], value, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="contrastive_micro_batches must be a positive integer"):
@@ -461,7 +471,9 @@ def test_lora_save_load_merge(tmp_path, processor):
     base = randomize_(RWKVCLIPModel(real_vocab_config()), seed=2).eval()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES))
-    targeted = {name.rsplit(".", 1)[-1] for name, _ in peft_model.named_modules() if name.endswith(tuple(LORA_TARGET_MODULES))}
+    targeted = {
+        name.rsplit(".", 1)[-1] for name, _ in peft_model.named_modules() if name.endswith(tuple(LORA_TARGET_MODULES))
+    }
     assert targeted == set(LORA_TARGET_MODULES)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -496,7 +508,10 @@ def test_classification_under_trainer(tmp_path, processor, shapes):
     # classify the colour (a quick task for a tiny model); labels from a derived column
     colors = shapes.map(lambda row: {"color_id": list(COLORS).index(row["color"])}, remove_columns=["label"])
     transform = ClassificationTransform(processor.image_processor, "image", "color_id")
-    train, test = colors.select(range(64)).with_transform(transform), colors.select(range(64, 96)).with_transform(transform)
+    train, test = (
+        colors.select(range(64)).with_transform(transform),
+        colors.select(range(64, 96)).with_transform(transform),
+    )
     args = paper_training_arguments(
         str(tmp_path),
         per_device_train_batch_size=16,
@@ -531,14 +546,18 @@ def test_multi_label_transform_collator_loss_and_accuracy(processor, shapes):
     transform = ClassificationTransform(processor.image_processor, "image", "classes", num_labels=5)
     batch = transform({"image": list(shapes[:3]["image"]), "classes": [[0, 3], [4], []]})
     expected = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
-    collated = classification_collator([{"pixel_values": p, "labels": y} for p, y in zip(batch["pixel_values"], batch["labels"])])
+    collated = classification_collator(
+        [{"pixel_values": p, "labels": y} for p, y in zip(batch["pixel_values"], batch["labels"])]
+    )
     assert collated["labels"].dtype == torch.float32 and torch.equal(collated["labels"], expected)
     assert collated["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     single = classification_collator([{"pixel_values": batch["pixel_values"][0], "labels": 2}])
     assert single["labels"].dtype == torch.long and single["labels"].tolist() == [2]
 
     with pytest.raises(ValueError, match="num_labels"):
-        ClassificationTransform(processor.image_processor, "image", "classes")({"image": [shapes[0]["image"]], "classes": [[1]]})
+        ClassificationTransform(processor.image_processor, "image", "classes")(
+            {"image": [shapes[0]["image"]], "classes": [[1]]}
+        )
     with pytest.raises(ValueError, match=r"'classes': class 5 is not in \[0, 5\)"):
         transform({"image": [shapes[0]["image"]], "classes": [[5]]})
 
@@ -551,8 +570,12 @@ def test_multi_label_transform_collator_loss_and_accuracy(processor, shapes):
 
     # a row counts when every one of its labels is right (logit > 0 <=> probability > 0.5)
     logits = np.array([[2.0, -1, -1, 0.5, -3], [1.0, -1, -1, -1, 2], [-1.0, -2, -1, -1, -1]])
-    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=expected.numpy()))["accuracy"] == pytest.approx(2 / 3)
-    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=np.array([0, 4, 1])))["accuracy"] == pytest.approx(2 / 3)
+    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=expected.numpy()))[
+        "accuracy"
+    ] == pytest.approx(2 / 3)
+    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=np.array([0, 4, 1])))[
+        "accuracy"
+    ] == pytest.approx(2 / 3)
 
 
 def test_linear_probe_freezes_the_tower():

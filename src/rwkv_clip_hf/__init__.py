@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_rwkv_clip import PRESETS, RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
+from .image_processing_rwkv_clip import RWKVCLIPImageProcessor
 from .modeling_rwkv_clip import (
     RWKVCLIPForImageClassification,
     RWKVCLIPModel,
@@ -22,11 +23,9 @@ from .modeling_rwkv_clip import (
     RWKVCLIPTextModel,
     RWKVCLIPVisionModel,
 )
-from .image_processing_rwkv_clip import RWKVCLIPImageProcessor
 from .ops.bi_wkv import bi_wkv
 from .processing_rwkv_clip import RWKVCLIPProcessor
 from .tokenization_rwkv_clip import RWKVCLIPTokenizer
-
 
 __version__ = "0.1.0"
 
@@ -51,7 +50,9 @@ def _register() -> None:
     for config_class in (RWKVCLIPConfig, RWKVCLIPTextConfig):
         AutoTokenizer.register(config_class, tokenizer_class=RWKVCLIPTokenizer, exist_ok=True)
     for config_class in (RWKVCLIPConfig, RWKVCLIPVisionConfig):
-        AutoImageProcessor.register(config_class, image_processor_classes={"pil": RWKVCLIPImageProcessor}, exist_ok=True)
+        AutoImageProcessor.register(
+            config_class, image_processor_classes={"pil": RWKVCLIPImageProcessor}, exist_ok=True
+        )
     AutoProcessor.register(RWKVCLIPConfig, RWKVCLIPProcessor, exist_ok=True)
 
 

@@ -7,11 +7,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
-
 from .remote_code_rwkv_clip import export_remote_code, save_with_remote_code
 
+logger = logging.get_logger(__name__)
 
 # Token-shift patterns. Each head's channels are split into as many equal groups as there are offsets;
 # group g of token (row, col) takes the token at (row + dy, col + dx); out-of-range neighbours are zero.
@@ -47,7 +45,8 @@ class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
     def _validate_tower(self) -> None:
         if self.hidden_size <= 0 or self.head_size <= 0:
             raise ValueError(
-                f"{type(self).__name__}: hidden_size ({self.hidden_size}) and head_size ({self.head_size}) must be positive."
+                f"{type(self).__name__}: hidden_size ({self.hidden_size}) and head_size ({self.head_size}) "
+                "must be positive."
             )
         if self.hidden_size % self.head_size != 0:
             raise ValueError(
@@ -56,7 +55,8 @@ class _RWKVCLIPTowerConfigMixin(_RemoteCodeConfigMixin):
             )
         if self.token_shift not in TOKEN_SHIFT_OFFSETS:
             raise ValueError(
-                f"{type(self).__name__}: token_shift must be one of {sorted(TOKEN_SHIFT_OFFSETS)}, got {self.token_shift!r}."
+                f"{type(self).__name__}: token_shift must be one of {sorted(TOKEN_SHIFT_OFFSETS)}, "
+                f"got {self.token_shift!r}."
             )
         groups = len(TOKEN_SHIFT_OFFSETS[self.token_shift])
         if self.head_size % groups != 0:
@@ -137,7 +137,8 @@ class RWKVCLIPTextConfig(_RWKVCLIPTowerConfigMixin, PreTrainedConfig):
         self._validate_tower()
         if self.max_position_embeddings < 2:
             raise ValueError(
-                f"RWKVCLIPTextConfig: max_position_embeddings (context length) must be >= 2, got {self.max_position_embeddings}."
+                "RWKVCLIPTextConfig: max_position_embeddings (context length) must be >= 2, "
+                f"got {self.max_position_embeddings}."
             )
         if self.vocab_size <= 0:
             raise ValueError(f"RWKVCLIPTextConfig: vocab_size must be positive, got {self.vocab_size}.")
@@ -233,7 +234,8 @@ class RWKVCLIPConfig(_RemoteCodeConfigMixin, PreTrainedConfig):
         if self.text_config.hidden_size != self.vision_config.hidden_size:
             raise ValueError(
                 "RWKVCLIPConfig: the towers have no projection layer, so text_config.hidden_size "
-                f"({self.text_config.hidden_size}) must equal vision_config.hidden_size ({self.vision_config.hidden_size})."
+                f"({self.text_config.hidden_size}) must equal vision_config.hidden_size "
+                f"({self.vision_config.hidden_size})."
             )
 
     @property

@@ -27,7 +27,6 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _ARRAY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 

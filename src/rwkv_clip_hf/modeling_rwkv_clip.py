@@ -138,9 +138,7 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         gate = F.silu(self.gate(x_g))
         log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
 
-        out = bi_wkv(
-            receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend
-        )
+        out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend)
         out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
         return self.output(out * gate)
 
@@ -156,7 +154,9 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         init.copy_(self.time_maa_x, shift)
         init.copy_(
             self.time_maa_wkvrg,
-            torch.stack([shift, shift, 1.0 - (position**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1), shift_half, shift_half]),
+            torch.stack(
+                [shift, shift, 1.0 - (position**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1), shift_half, shift_half]
+            ),
         )
         channel = torch.arange(dim, dtype=torch.float64) / max(dim - 1, 1)
         init.copy_(self.time_decay, -6.0 + 5.0 * channel ** (0.7 + 1.3 * ratio_0_to_1))
@@ -287,9 +287,10 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
         grid_h, grid_w = embeddings.shape[-2:]
         if (grid_h, grid_w) != (self.grid_size, self.grid_size) and interpolate_pos_encoding is False:
             raise ValueError(
-                f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position embedding "
-                f"was learned for {self.grid_size}x{self.grid_size} ({self.config.image_size}px). Pass "
-                "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original model does."
+                f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position "
+                f"embedding was learned for {self.grid_size}x{self.grid_size} ({self.config.image_size}px). Pass "
+                "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original "
+                "model does."
             )
         embeddings = embeddings.flatten(2).transpose(1, 2)
         return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
@@ -316,7 +317,8 @@ def canonical_text_positions(
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} like input_ids"
+                f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                f"expected {tuple(input_ids.shape)} like input_ids"
             )
         real = attention_mask.to(torch.bool)
     elif eos_token_id is not None:
@@ -549,7 +551,9 @@ class RWKVCLIPVisionModel(RWKVCLIPPreTrainedModel):
         hidden_states = self.pre_layernorm(hidden_states)
         encoder_outputs = self.encoder(hidden_states, grid_size, **kwargs)
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
-        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1)
+        )
 
 
 @dataclass

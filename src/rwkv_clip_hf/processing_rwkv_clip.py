@@ -8,7 +8,6 @@ from transformers.utils import logging
 from .image_processing_rwkv_clip import RWKVCLIPImageProcessor
 from .tokenization_rwkv_clip import RWKVCLIPTokenizer
 
-
 logger = logging.get_logger(__name__)
 
 

@@ -13,7 +13,6 @@ import re
 import sys
 from pathlib import Path
 
-
 # model_type -> {transformers auto class: model class in modeling_rwkv_clip}
 AUTO_MODEL_CLASSES: dict[str, dict[str, str]] = {
     "rwkv_clip": {

@@ -22,7 +22,6 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -36,7 +35,13 @@ COLORS = {
 BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "black": (10, 10, 10), "beige": (225, 210, 180)}
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross"]
 SIZES = {"small": 0.2, "large": 0.34}
-POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
+POSITIONS = {
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
+    "center": (0.5, 0.5),
+}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 
 # Caption phrasings; `{a}` is "a" or the count word, `{shape}` is plural when count > 1.
@@ -84,14 +89,28 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
     if shape == "star":
         return [
-            (cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            (
+                cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
             for i in range(10)
         ]
     if shape == "cross":
         t = r * 0.35
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
-                (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -206,7 +225,9 @@ def sample_attributes(rng, exclude_pairs: Iterable = (), only_pairs: Iterable | 
         }
 
 
-def scene_variants(attributes: dict, scene_size: int, rng, exclude_pairs: Iterable = (), only_pairs: Iterable | None = None) -> list[dict]:
+def scene_variants(
+    attributes: dict, scene_size: int, rng, exclude_pairs: Iterable = (), only_pairs: Iterable | None = None
+) -> list[dict]:
     """`attributes` and up to `scene_size - 1` copies of it with other shapes (in random order), skipping
     excluded pairs (and, with `only_pairs`, pairs not in it)."""
     exclude = set(map(tuple, exclude_pairs))
@@ -248,7 +269,8 @@ def make_shapes_dataset(
     true, and an excluded pair's colours are never drawn with its shape), at least `MIN_CONTRAST` from the
     background. It breaks the tie between a shape and the few exact colours it comes in, so that a tower
     trained on shapes recognises them in colours it never saw them in. The `rgb` column holds the colour drawn."""
-    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
 
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -258,7 +280,20 @@ def make_shapes_dataset(
         raise ValueError(f"scene_size must be between 1 and {len(SHAPES)} (the number of shapes), got {scene_size}")
     templates = templates or TRAIN_TEMPLATES
     rng = np.random.default_rng(seed)
-    columns = ("image", "caption", "captions", "shape", "color", "size", "position", "count", "background", "label", "scene", "rgb")
+    columns = (
+        "image",
+        "caption",
+        "captions",
+        "shape",
+        "color",
+        "size",
+        "position",
+        "count",
+        "background",
+        "label",
+        "scene",
+        "rgb",
+    )
     rows = {k: [] for k in columns}
     scene = 0
     while len(rows["image"]) < num_samples:
@@ -267,7 +302,9 @@ def make_shapes_dataset(
         # (no random draws at all without random_colors: the datasets it makes stay as they were)
         if random_colors > 0 and rng.random() < random_colors:
             rgb = random_rgb(attributes["color"], attributes["background"], rng)
-        for variant in scene_variants(attributes, scene_size, rng, exclude_pairs, only_pairs)[: num_samples - len(rows["image"])]:
+        for variant in scene_variants(attributes, scene_size, rng, exclude_pairs, only_pairs)[
+            : num_samples - len(rows["image"])
+        ]:
             image = draw(**variant, image_size=image_size, rng=rng, rgb=rgb)
             chosen = rng.choice(templates, size=captions_per_image, replace=len(templates) < captions_per_image)
             phrasings = [caption(str(t), **variant) for t in chosen]

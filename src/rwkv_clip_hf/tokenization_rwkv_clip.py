@@ -40,7 +40,6 @@ from tokenizers.models import BPE
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 48894  # lines 1..48894 after the header: 256 + 256 + 48894 + 2 = 49408 ids
 BOS_TOKEN = "<start_of_text>"

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -70,7 +69,11 @@ class ContrastiveTransform:
         if probabilities is None:
             probabilities = [1.0] * len(self.caption_columns)
         probabilities = np.asarray(probabilities, dtype=np.float64)
-        if probabilities.shape != (len(self.caption_columns),) or (probabilities < 0).any() or probabilities.sum() <= 0:
+        if (
+            probabilities.shape != (len(self.caption_columns),)
+            or (probabilities < 0).any()
+            or probabilities.sum() <= 0
+        ):
             raise ValueError(
                 f"ContrastiveTransform: probabilities {probabilities.tolist()} must be {len(self.caption_columns)} "
                 "non-negative numbers, not all zero, one per caption column"
@@ -148,8 +151,9 @@ class ClassificationTransform:
     `Sequence(ClassLabel)` column), which becomes a multi-hot float vector of length `num_labels`.
     """
 
-    def __init__(self, image_processor, image_column: str = "image", label_column: str = "label",
-                 num_labels: int | None = None):
+    def __init__(
+        self, image_processor, image_column: str = "image", label_column: str = "label", num_labels: int | None = None
+    ):
         self.image_processor = image_processor
         self.image_column = image_column
         self.label_column = label_column
@@ -415,6 +419,8 @@ def contrastive_accumulation_step(
             backward(surrogate / loss_divisor)
     _restore_rng(after, device)
     return loss.detach()
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Training diverged: the gradients or the weights hold NaN or infinite values (`NonFiniteTrainingCallback`)."""
 
@@ -458,8 +464,9 @@ def _divergence_message(step: int, state, what: str, names: list[str]) -> str:
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     # one reduction (and one host sync) over all tensors; a NaN or inf anywhere makes the sum of norms non-finite
-    norms = torch.stack([torch.linalg.vector_norm(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
-                         for t in tensors])
+    norms = torch.stack(
+        [torch.linalg.vector_norm(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t) for t in tensors]
+    )
     return bool(torch.isfinite(norms.sum()))
 
 
@@ -540,7 +547,9 @@ class RWKVCLIPTrainer(Trainer):
         **kwargs,
     ):
         if int(contrastive_micro_batches) != contrastive_micro_batches or contrastive_micro_batches < 1:
-            raise ValueError(f"contrastive_micro_batches must be a positive integer, got {contrastive_micro_batches!r}")
+            raise ValueError(
+                f"contrastive_micro_batches must be a positive integer, got {contrastive_micro_batches!r}"
+            )
         super().__init__(*args, **kwargs)
         self.contrastive_loss = contrastive_loss if contrastive_loss is not None else ContrastiveLoss()
         self.contrastive_micro_batches = int(contrastive_micro_batches)
@@ -551,9 +560,13 @@ class RWKVCLIPTrainer(Trainer):
             if names is None:
                 raise TypeError(f"group_by_column={group_by_column!r} needs a datasets.Dataset to train on")
             if group_by_column not in names:
-                raise KeyError(f"group_by_column={group_by_column!r} is not a column of the training dataset ({names})")
+                raise KeyError(
+                    f"group_by_column={group_by_column!r} is not a column of the training dataset ({names})"
+                )
         model = self.model
-        if hasattr(model, "logit_scale") and not any(isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks):
+        if hasattr(model, "logit_scale") and not any(
+            isinstance(cb, LogitScaleClampCallback) for cb in self.callback_handler.callbacks
+        ):
             self.add_callback(LogitScaleClampCallback())
         if not any(isinstance(cb, NonFiniteTrainingCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(NonFiniteTrainingCallback())
@@ -563,7 +576,9 @@ class RWKVCLIPTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._is_contrastive(model, inputs):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         inputs = {k: v for k, v in inputs.items() if k != "return_loss"}
         outputs = model(**inputs)
         logit_scale = self.accelerator.unwrap_model(model).logit_scale
@@ -603,13 +618,17 @@ class RWKVCLIPTrainer(Trainer):
             )
         # read the column without the dataset's transform (which would decode every image)
         groups = dataset.with_format("arrow")[self.group_by_column].to_pylist()
-        return GroupedRandomSampler(groups, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return GroupedRandomSampler(
+            groups, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        )
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         no_decay = {"logit_scale"}
         for module_name, module in model.named_modules():
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                no_decay.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False))
+                no_decay.update(
+                    f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)
+                )
         return [
             name
             for name, _ in model.named_parameters()
@@ -620,12 +639,13 @@ class RWKVCLIPTrainer(Trainer):
 def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
     """`TrainingArguments` following the paper's recipe (docs/architecture.md §9), any field overridable.
 
-    AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup (`warmup_steps=0.1`, a fraction) then cosine
-    decay (the paper's OneCycle), gradient clipping at norm 1, bf16 autocast when the hardware has it, and
-    `remove_unused_columns=False` (the transforms need the raw columns). The paper's batch is 4096 over
-    8 GPUs: scale `per_device_train_batch_size` x processes to your budget, and where one device's memory is the
-    limit, keep the batch and split it with `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with
-    `gradient_accumulation_steps` (which gives each micro-batch only its own negatives).
+    AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, learning rate 1e-3 with 10 % warmup
+    (`warmup_steps=0.1`, a fraction) then cosine decay (the paper's OneCycle), gradient clipping at norm 1, bf16
+    autocast when the hardware has it, and `remove_unused_columns=False` (the transforms need the raw columns). The
+    paper's batch is 4096 over 8 GPUs: scale `per_device_train_batch_size` x processes to your budget, and where
+    one device's memory is the limit, keep the batch and split it with
+    `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with `gradient_accumulation_steps` (which gives each
+    micro-batch only its own negatives).
     """
     defaults = dict(
         learning_rate=1e-3,

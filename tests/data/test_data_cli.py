@@ -1,11 +1,14 @@
 """`rwkv-clip-data` end to end with tiny models saved to local directories, and its error messages."""
 
 import logging
-import tomllib
 from pathlib import Path
 
 import datasets
 import pytest
+import tomllib
+
+from rwkv_clip_hf.data.cli import main, run
+
 from tiny_models import (
     shapes_with_raw_text,
     tiny_captioner,
@@ -14,9 +17,6 @@ from tiny_models import (
     tiny_rwkv_clip,
     word_tokenizer,
 )
-
-from rwkv_clip_hf.data.cli import main, run
-
 
 ROOT = Path(__file__).resolve().parents[2]
 

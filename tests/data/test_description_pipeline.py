@@ -6,17 +6,6 @@ import json
 import pytest
 import torch
 from datasets import Dataset, List, Value
-from tiny_models import (
-    CLASSIFIER_LABELS,
-    NO_SYSTEM_TEMPLATE,
-    no_special_tokens,
-    shapes_with_raw_text,
-    tiny_captioner,
-    tiny_classifier,
-    tiny_llama,
-    tiny_rwkv_clip,
-    word_tokenizer,
-)
 
 from rwkv_clip_hf.data import (
     Captioner,
@@ -34,6 +23,17 @@ from rwkv_clip_hf.data import (
 from rwkv_clip_hf.evaluation.features import pooled
 from rwkv_clip_hf.training import ContrastiveCollator, ContrastiveTransform
 
+from tiny_models import (
+    CLASSIFIER_LABELS,
+    NO_SYSTEM_TEMPLATE,
+    no_special_tokens,
+    shapes_with_raw_text,
+    tiny_captioner,
+    tiny_classifier,
+    tiny_llama,
+    tiny_rwkv_clip,
+    word_tokenizer,
+)
 
 VOCABULARY = ["circle", "square", "triangle", "red thing", "blue thing", "star"]
 BLANK = (2,)  # the row without raw text

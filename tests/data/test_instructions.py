@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import tiny_llama, word_tokenizer
 
 from rwkv_clip_hf.data import (
     IGNORE_INDEX,
@@ -17,6 +16,7 @@ from rwkv_clip_hf.data import (
     tokenize_instruction_dataset,
 )
 
+from tiny_models import tiny_llama, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {

@@ -5,23 +5,23 @@ and a zero-shot tagger (RWKV-CLIP), plus a small dataset of generated shapes wit
 from __future__ import annotations
 
 import torch
-from conftest import randomize_, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    ViTConfig,
-    ViTForImageClassification,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTForImageClassification,
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from rwkv_clip_hf import RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import make_shapes_dataset
 
+from conftest import randomize_, tiny_config
 
 IMAGE_SIZE = 32
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -31,6 +30,7 @@ from rwkv_clip_hf.evaluation import linear_probe, retrieval_metrics
 from rwkv_clip_hf.evaluation.cli import main, run
 from rwkv_clip_hf.tokenization_rwkv_clip import bundled_vocab_and_merges
 
+from conftest import randomize_, tiny_config
 
 CLASSNAMES = ["cat", "dog", "bird"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -347,10 +347,20 @@ def test_a_broken_image_is_named_by_its_row(rwkv_dir, tmp_path, caplog):
     images = [{"bytes": id_png(i), "path": None} for i in range(4)]
     images[2] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
     Dataset.from_dict(
-        {"image": images, "label": [0, 1, 2, 0]}, features=Features({"image": ImageFeature(), "label": ClassLabel(names=CLASSNAMES)})
+        {"image": images, "label": [0, 1, 2, 0]},
+        features=Features({"image": ImageFeature(), "label": ClassLabel(names=CLASSNAMES)}),
     ).save_to_disk(str(tmp_path / "broken"))
-    message = _error_of(["zero-shot", *common(rwkv_dir, str(tmp_path / "broken"), tmp_path), "--classnames", *CLASSNAMES,
-                         "--templates", *TEMPLATES], caplog)
+    message = _error_of(
+        [
+            "zero-shot",
+            *common(rwkv_dir, str(tmp_path / "broken"), tmp_path),
+            "--classnames",
+            *CLASSNAMES,
+            "--templates",
+            *TEMPLATES,
+        ],
+        caplog,
+    )
     assert message.startswith("--image-column 'image': row 2 of ") and "is not a readable image" in message, message
 
 

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
-from eval_stubs import id_image, save_classification_dataset
 
 from rwkv_clip_hf.evaluation import load_eval_dataset
 from rwkv_clip_hf.evaluation.data import class_names_from_features, labels_as_ints, to_pil
+
+from eval_stubs import id_image, save_classification_dataset
 
 
 def red_values(data):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from eval_stubs import StubModel, StubProcessor, save_caption_dataset
 
 from rwkv_clip_hf.evaluation import (
     FeatureCache,
@@ -13,6 +12,7 @@ from rwkv_clip_hf.evaluation import (
 )
 from rwkv_clip_hf.evaluation.retrieval import retrieval_ranks
 
+from eval_stubs import StubModel, StubProcessor, save_caption_dataset
 
 # Caption j as a unit vector over the 4 one-hot images: its cosine with image i is component i.
 CAPTIONS = {

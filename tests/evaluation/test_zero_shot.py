@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from eval_stubs import StubModel, StubProcessor, save_classification_dataset
 
 from rwkv_clip_hf.evaluation import (
     FeatureCache,
@@ -20,6 +19,7 @@ from rwkv_clip_hf.evaluation import (
 )
 from rwkv_clip_hf.evaluation.zero_shot import read_string_list, uses_mean_per_class
 
+from eval_stubs import StubModel, StubProcessor, save_classification_dataset
 
 CLASSNAMES = ["cat", "dog", "bird"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from reference import wkv_by_definition, wkv_by_recurrence
 
 from rwkv_clip_hf.ops.bi_wkv import bi_wkv, chunk_bi_wkv, naive_bi_wkv
+
+from reference import wkv_by_definition, wkv_by_recurrence
 
 
 def make_inputs(batch, seq_len, heads, size, decay="mixed", seed=0):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOS, EOS, randomize_, tiny_config
-from test_bi_wkv import make_inputs, rel_err
 
 from rwkv_clip_hf import RWKVCLIPModel
 from rwkv_clip_hf.ops.bi_wkv import KernelUnavailableError, bi_wkv, chunk_bi_wkv, kernel, naive_bi_wkv
 
+from conftest import BOS, EOS, randomize_, tiny_config
+from test_bi_wkv import make_inputs, rel_err
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda"
 REPO_ID = kernel.DEFAULT_KERNEL_REPO

@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
-from test_bi_wkv import make_inputs, rel_err
 
 from rwkv_clip_hf.ops.bi_wkv import bi_wkv, chunk_bi_wkv, naive_bi_wkv
 from rwkv_clip_hf.ops.bi_wkv.triton_op import triton_available, triton_bi_wkv
 
+from test_bi_wkv import make_inputs, rel_err
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

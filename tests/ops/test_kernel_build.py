@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bi_wkv import make_inputs
 
+from test_bi_wkv import make_inputs
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda"
 

@@ -10,7 +10,6 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-
 __all__ = ["bi_wkv", "ops"]
 
 

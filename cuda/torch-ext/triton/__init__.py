@@ -12,7 +12,6 @@ import torch
 
 from .triton_op import OP_NAMESPACE, triton_available, triton_bi_wkv
 
-
 __all__ = ["add_op_namespace_prefix", "available", "bi_wkv", "ops"]
 
 ops = getattr(torch.ops, OP_NAMESPACE)

@@ -25,7 +25,6 @@ from .prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, MergePrompt, norma
 from .stage import ModelStage
 from .tagging import ClassifierTagger, ZeroShotTagger, clean_label, select_tags
 
-
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_TEMPLATE",

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from ..evaluation.features import DTYPES
 
-
 logger = logging.getLogger("rwkv_clip_hf.data")
 
 

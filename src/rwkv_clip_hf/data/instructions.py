@@ -16,7 +16,6 @@ import logging
 
 from .prompts import MergePrompt, render_chat
 
-
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -130,7 +129,7 @@ def tokenize_instruction_dataset(dataset, tokenizer, max_length: int | None = 10
         remove_columns=dataset.column_names,
         desc="tokenizing instructions",
     )
-    kept = tokenized.filter(lambda labels: any(l != IGNORE_INDEX for l in labels), input_columns=["labels"])
+    kept = tokenized.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns=["labels"])
     if len(kept) < len(tokenized):
         logger.warning(
             "%d of %d conversations have no answer tokens within max_length=%s and are dropped",

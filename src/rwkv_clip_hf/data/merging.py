@@ -10,7 +10,6 @@ import torch
 from .prompts import MergePrompt, normalize_tags, render_chat
 from .stage import ModelStage, model_device_dtype
 
-
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 
 

@@ -38,7 +38,6 @@ from .captioning import Captioner
 from .merging import DescriptionMerger
 from .stage import ModelStage
 
-
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-
 PLACEHOLDERS = ("raw_text", "caption", "tags")
 
 DEFAULT_SYSTEM_PROMPT = (

@@ -25,7 +25,6 @@ from .zero_shot import (
     zero_shot_logits,
 )
 
-
 __all__ = [
     "EvalData",
     "FeatureCache",

@@ -29,7 +29,6 @@ from .features import (
 )
 from .report import plot_per_class_accuracy, plot_similarity_heatmap, results_markdown, write_report
 
-
 logger = logging.getLogger("rwkv_clip_hf.evaluation")
 
 
@@ -142,8 +141,10 @@ def check_device(device: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {device!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{option} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             "use --device cpu")
+            raise ValueError(
+                f"{option} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():

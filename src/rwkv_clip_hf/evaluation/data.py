@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-
 logger = logging.getLogger(__name__)
 
 # File extensions `datasets` has a packaged builder for, used when --dataset is a single local file.

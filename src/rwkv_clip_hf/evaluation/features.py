@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .data import EvalData, require_column, to_pil
 
-
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,8 +61,9 @@ def load_model_and_processor(
     Returns:
         `(model, processor)`, the model in eval mode on `device`.
     """
-    import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
     from transformers import AutoModel, AutoProcessor
+
+    import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -156,8 +156,13 @@ class FeatureCache:
             try:
                 cached = load_file(str(path))["features"]
             except Exception as error:  # truncated or corrupted (e.g. copied from an interrupted sync)
-                logger.warning("%s: the cached features %s are unreadable (%s: %s); encoding again", what, path,
-                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                logger.warning(
+                    "%s: the cached features %s are unreadable (%s: %s); encoding again",
+                    what,
+                    path,
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                )
             else:
                 logger.info("%s: cached features found, skipping the encoding (%s)", what, path)
                 return cached

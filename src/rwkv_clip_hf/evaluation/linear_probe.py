@@ -20,7 +20,6 @@ import numpy as np
 
 from .zero_shot import classification_metrics
 
-
 logger = logging.getLogger(__name__)
 
 # CLIP's sweep: half-decade steps over 1e-6 .. 1e6, then halve the step around the peak down to 8 steps a decade.

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 logger = logging.getLogger(__name__)
 
 

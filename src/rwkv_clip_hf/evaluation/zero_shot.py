@@ -24,7 +24,6 @@ import torch
 
 from .data import EvalData, class_names_from_features, labels_as_ints
 
-
 logger = logging.getLogger(__name__)
 
 MEAN_PER_CLASS_BENCHMARKS = frozenset({"caltech101", "aircraft", "flowers", "pets"})

@@ -20,7 +20,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-
 DEFAULT_CHUNK_SIZE = 16
 
 

@@ -24,7 +24,6 @@ import threading
 
 import torch
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_KERNEL_REPO = "rwkv-clip-hf/bi-wkv"
@@ -153,7 +152,11 @@ def resolve_kernel(device_type: str, backend: str, repo_id: str | None = None) -
             _reported.add(reason)
             # on CPU the PyTorch path is the expected default of an installed package; on GPUs it costs more
             log = logger.warning if device_type == "cuda" else logger.info
-            fallback = "the PyTorch chunked path" if device_type == "cpu" else "the Triton kernels or the PyTorch chunked path"
+            fallback = (
+                "the PyTorch chunked path"
+                if device_type == "cpu"
+                else "the Triton kernels or the PyTorch chunked path"
+            )
             log("%s Using %s instead.", error, fallback)
         return ""
     return "\x00".join((kernel_repo_id(repo_id), device_type, os.environ.get("LOCAL_KERNELS", "")))

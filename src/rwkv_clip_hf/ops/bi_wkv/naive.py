@@ -6,9 +6,7 @@ Obviously correct and slow (a Python loop over tokens): the fast paths are teste
 import torch
 
 
-def naive_bi_wkv(
-    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor
-) -> torch.Tensor:
+def naive_bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Bi-WKV by two explicit recurrences, one forward and one backward in time.
 
     Args:

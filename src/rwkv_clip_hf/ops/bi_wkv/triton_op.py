@@ -31,7 +31,6 @@ import sys
 
 import torch
 
-
 # the torch.library namespace of the ops; cuda/build.py gives the kernel-hub copy of this file its own
 OP_NAMESPACE = "rwkv_clip_hf"
 BLOCK_T = 16  # tokens per chunk; tl.dot needs tiles of at least 16
