@@ -190,32 +190,25 @@ def build_variant(config: dict, backend: str, out_root: Path, verbose: bool) -> 
     if (target / f"{name}.abi3.so").exists():
         # the library is current (its name hashes the sources and flags): only the package files are rewritten
         library = shutil.copy2(target / f"{name}.abi3.so", obj_dir / f"{name}.abi3.so")
-        write_package(
-            target,
-            py_name,
-            KERNEL_DIR / "torch-ext" / py_name / "__init__.py",
-            {f"{name}.abi3.so": Path(library), "_ops.py": OPS_PY.format(name=name)},
+        status = f"up to date ({name})"
+    else:
+        started = time.time()
+        env_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if backend == "cuda" and not env_arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(capabilities)
+        library = cpp_extension.load(
+            name=name,
+            sources=[str(f) for f in files if f.suffix in (".cpp", ".cu")],
+            extra_cflags=COMPAT_FLAGS + CPU_FLAGS + (["-DBI_WKV_WITH_CUDA"] if backend == "cuda" else []),
+            extra_cuda_cflags=CUDA_FLAGS,
+            build_directory=str(obj_dir),
+            with_cuda=backend == "cuda",
+            is_python_module=False,
+            verbose=verbose,
         )
-        write_metadata(target, variant_metadata(config, name, backend, capabilities))
-        print(f"{variant}: up to date ({name})")
-        return target
-
-    started = time.time()
-    env_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if backend == "cuda" and not env_arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(capabilities)
-    library = cpp_extension.load(
-        name=name,
-        sources=[str(f) for f in files if f.suffix in (".cpp", ".cu")],
-        extra_cflags=COMPAT_FLAGS + CPU_FLAGS + (["-DBI_WKV_WITH_CUDA"] if backend == "cuda" else []),
-        extra_cuda_cflags=CUDA_FLAGS,
-        build_directory=str(obj_dir),
-        with_cuda=backend == "cuda",
-        is_python_module=False,
-        verbose=verbose,
-    )
-    if env_arch is None:
-        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        if env_arch is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        status = f"built {name} in {time.time() - started:.0f} s"
 
     write_package(
         target,
@@ -224,7 +217,7 @@ def build_variant(config: dict, backend: str, out_root: Path, verbose: bool) -> 
         {f"{name}.abi3.so": Path(library), "_ops.py": OPS_PY.format(name=name)},
     )
     write_metadata(target, variant_metadata(config, name, backend, capabilities))
-    print(f"{variant}: built {name} in {time.time() - started:.0f} s")
+    print(f"{variant}: {status}")
     return target
 
 
