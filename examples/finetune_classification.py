@@ -25,12 +25,10 @@ Accuracy (`evaluate`'s accuracy metric) is reported on the evaluation split afte
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 import transformers
 from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments, set_seed
 
@@ -46,6 +44,7 @@ from rwkv_clip_hf.training import (
     RWKVCLIPTrainer,
     classification_collator,
     compute_accuracy,
+    machine_training_defaults,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,13 +172,7 @@ def load_splits(args: Arguments, seed: int):
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((Arguments, TrainingArguments))
     parser.set_defaults(**DEFAULTS)
-    if not torch.cuda.is_available():
-        # no pinned memory without an accelerator (torch warns about it on every dataloader)
-        parser.set_defaults(dataloader_pin_memory=False)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
-            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
-            parser.set_defaults(use_cpu=True)
+    parser.set_defaults(**machine_training_defaults())  # no pinned memory / use_cpu without CUDA
     return parser.parse_args_into_dataclasses(args=argv)
 
 

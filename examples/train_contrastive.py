@@ -61,6 +61,7 @@ from rwkv_clip_hf.training import (
     NonFiniteTrainingCallback,
     NonFiniteTrainingError,
     RWKVCLIPTrainer,
+    machine_training_defaults,
 )
 
 logger = logging.getLogger(__name__)
@@ -295,13 +296,7 @@ def load_data(data_args: DataArguments, image_size: int, seed: int):
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
-    if not torch.cuda.is_available():
-        # no pinned memory without an accelerator (torch warns about it on every dataloader)
-        parser.set_defaults(dataloader_pin_memory=False)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # torchrun / accelerate launch on a machine without CUDA: TrainingArguments sets up data-parallel
-            # training over gloo only with use_cpu; without it every process would train on the whole dataset alone
-            parser.set_defaults(use_cpu=True)
+    parser.set_defaults(**machine_training_defaults())  # no pinned memory / use_cpu without CUDA
     return parser.parse_args_into_dataclasses(args=argv)
 
 

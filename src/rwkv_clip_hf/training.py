@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -668,6 +669,21 @@ def _bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def machine_training_defaults() -> dict:
+    """`TrainingArguments` defaults that depend on this machine (for a script's `parser.set_defaults`).
+
+    Without CUDA: no pinned memory (torch warns about it on every dataloader), and under torchrun /
+    `accelerate launch` (`WORLD_SIZE` > 1) `use_cpu=True`, with which `TrainingArguments` sets up data-parallel
+    training over gloo; without it every process would train on the whole dataset alone.
+    """
+    if torch.cuda.is_available():
+        return {}
+    defaults = {"dataloader_pin_memory": False}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        defaults["use_cpu"] = True
+    return defaults
+
+
 def accuracy_metric(config_name: str | None = None):
     """transformers' usual `evaluate.load("accuracy")` (`config_name="multilabel"`: exact match of multi-hot
     rows); offline without a cached copy, the same metric computed locally (with a warning), so
@@ -723,5 +739,6 @@ __all__ = [
     "compute_accuracy",
     "contrastive_accumulation_step",
     "gather_features",
+    "machine_training_defaults",
     "paper_training_arguments",
 ]
