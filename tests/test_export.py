@@ -60,11 +60,11 @@ def test_canonical_text_ids_equal_the_list_reference(length):
     assert torch.equal(got, reference_canonical_ids(ids, mask.long(), 12, 0, EOS))
 
 
-def check_exported(exported, module, inputs: dict) -> None:
+def check_exported(exported, module, inputs: dict, atol: float = 1e-6) -> None:
     with torch.no_grad():
         got, expected = exported.module()(**inputs), module(**inputs)
     for key in ("last_hidden_state", "pooler_output"):
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=atol)
 
 
 @pytest.mark.slow
@@ -208,7 +208,9 @@ def test_export_towers_on_the_kernel(kernel_model):
         vision, (), {"pixel_values": torch.randn(2, 3, 40, 56)}, dynamic_shapes={"pixel_values": {0: batch}}
     )
     assert any("bi_wkv" in str(node.target) for node in exported.graph.nodes)  # the custom op, not the chunks
-    check_exported(exported, vision, {"pixel_values": torch.randn(3, 3, 40, 56)})
+    # the fused element-wise block ops are traced as their PyTorch composition (ops/block.py): the same values up
+    # to float32 rounding, where eager mode runs the fused kernel
+    check_exported(exported, vision, {"pixel_values": torch.randn(3, 3, 40, 56)}, atol=1e-5)
     text = kernel_model.text_model
     ids, mask = text_batch(2)
     exported = torch.export.export(
@@ -218,4 +220,4 @@ def test_export_towers_on_the_kernel(kernel_model):
         dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
     )
     ids, mask = text_batch(4, seed=6)
-    check_exported(exported, text, {"input_ids": ids, "attention_mask": mask})
+    check_exported(exported, text, {"input_ids": ids, "attention_mask": mask}, atol=1e-5)

@@ -359,6 +359,7 @@ def test_trust_remote_code_without_the_package(tmp_path, model, monkeypatch):
         "bi_wkv.py",
         "bi_wkv_chunk.py",
         "bi_wkv_kernel.py",
+        "block_ops.py",
         "bi_wkv_triton_op.py",
         "bi_wkv_triton_kernels.py",
     ):

@@ -30,6 +30,7 @@ CODE_FILES = {
     "bi_wkv_chunk.py",
     "bi_wkv_kernel.py",
     "bi_wkv_naive.py",
+    "block_ops.py",
     "tokenization_rwkv_clip.py",
     "image_processing_rwkv_clip.py",
     "processing_rwkv_clip.py",

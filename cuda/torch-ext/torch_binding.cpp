@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../bi_wkv/bi_wkv.h"
+#include "../bi_wkv/block.h"
 
 // one more expansion level, so that TORCH_EXTENSION_NAME is replaced before token pasting
 #define BI_WKV_LIBRARY(NAME, M) TORCH_LIBRARY(NAME, M)
@@ -26,11 +27,20 @@ BI_WKV_LIBRARY(TORCH_EXTENSION_NAME, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // whether the CPU hot loops run an AVX2 / AVX-512 (FMA) clone on this machine
   m.def("hot_loops_use_fma() -> bool", &bi_wkv::hot_loops_use_fma);
+  // the fused element-wise work of the block (block_cpu.cpp; CPU only): x (B, T, C) on a grid_h x grid_w grid,
+  // maa (M, C), offsets the flattened (dy, dx) pairs of the shift groups -> (delta or empty, mixed (M, B, T, C))
+  m.def(
+      "token_shift_mix(Tensor x, Tensor maa, int grid_h, int grid_w, int[] offsets, int head_size, bool with_delta)"
+      " -> (Tensor, Tensor)");
+  // GroupNorm(y) * gate, y and gate (rows, channels)
+  m.def("group_norm_gate(Tensor y, Tensor gate, Tensor weight, Tensor bias, int groups, float eps) -> Tensor");
 }
 
 BI_WKV_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("forward", &bi_wkv::forward_cpu);
   m.impl("backward", &bi_wkv::backward_cpu);
+  m.impl("token_shift_mix", &bi_wkv::token_shift_mix_cpu);
+  m.impl("group_norm_gate", &bi_wkv::group_norm_gate_cpu);
 }
 
 #ifdef BI_WKV_WITH_CUDA

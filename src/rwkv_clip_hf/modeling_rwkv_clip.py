@@ -4,6 +4,7 @@ One block implementation serves both towers; they differ only in the token shift
 image patch grid, a "B-shift" along the text sequence), chosen by `config.token_shift`.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rwkv_clip import RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
 from .ops.bi_wkv import bi_wkv, check_backend, default_backend
+from .ops.block import group_norm_gate, token_shift, token_shift_mix
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -32,35 +34,6 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
 def rwkv_clip_loss(similarity: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a (text x image) similarity matrix whose diagonal holds the matching pairs."""
     return (contrastive_loss(similarity) + contrastive_loss(similarity.t())) / 2.0
-
-
-def _source(offset: int, size: int) -> slice:
-    return slice(max(offset, 0), size + min(offset, 0))
-
-
-def _target(offset: int, size: int) -> slice:
-    return slice(max(-offset, 0), size + min(-offset, 0))
-
-
-def token_shift(
-    hidden_states: torch.Tensor, grid_size: tuple[int, int], offsets: tuple[tuple[int, int], ...], head_size: int
-) -> torch.Tensor:
-    """Each token's neighbours, per channel group (docs/architecture.md section 4).
-
-    Tokens `(batch, height * width, dim)` lie row-major on a `grid_size = (height, width)` grid (text: `(1, T)`).
-    Each head's `head_size` channels are split into `len(offsets)` equal groups; group `g` of the output at
-    `(row, col)` is the input at `(row + dy, col + dx)` for `(dy, dx) = offsets[g]`, zero outside the grid.
-    """
-    batch, seq_len, dim = hidden_states.shape
-    height, width = grid_size
-    groups = len(offsets)
-    x = hidden_states.reshape(batch, height, width, dim // head_size, groups, head_size // groups)
-    shifted = torch.zeros_like(x)
-    for group, (dy, dx) in enumerate(offsets):
-        shifted[:, _target(dy, height), _target(dx, width), :, group] = x[
-            :, _source(dy, height), _source(dx, width), :, group
-        ]
-    return shifted.reshape(batch, seq_len, dim)
 
 
 def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -81,9 +54,16 @@ class _ShiftMixin:
         self.hidden_size = config.hidden_size
         self.head_size = config.head_size
         self.shift_offsets = config.token_shift_offsets
+        # which implementation of the custom ops runs (ops.bi_wkv.BACKENDS): set with `set_kernel_backend`
+        self.kernel_backend = default_backend()
 
-    def _shift(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        return token_shift(hidden_states, grid_size, self.shift_offsets, self.head_size)
+    def _shift_mix(
+        self, hidden_states: torch.Tensor, maa: torch.Tensor, grid_size: tuple[int, int], with_delta: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`delta = shift(x) - x` and the interpolations `x + delta * maa[j]`, `(mixes, batch, seq_len, dim)`."""
+        return token_shift_mix(
+            hidden_states, maa, grid_size, self.shift_offsets, self.head_size, with_delta, self.kernel_backend
+        )
 
 
 class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
@@ -95,8 +75,6 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def __init__(self, config: RWKVCLIPTextConfig | RWKVCLIPVisionConfig, layer_idx: int):
         super().__init__()
         self._init_layer(config, layer_idx)
-        # which Bi-WKV implementation runs (ops.bi_wkv.BACKENDS): set with `set_kernel_backend`
-        self.kernel_backend = default_backend()
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.mix_lora_rank = config.mix_lora_rank
@@ -119,28 +97,50 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         batch, seq_len, dim = hidden_states.shape
         x = hidden_states
-        delta = self._shift(x, grid_size) - x
-        lora = torch.tanh(torch.addcmul(x, delta, self.time_maa_x) @ self.time_maa_w1)
-        lora = lora.view(batch * seq_len, 5, self.mix_lora_rank).transpose(0, 1)
-        if torch.is_autocast_enabled(x.device.type):
-            # the low-rank product in low precision, the sum with time_maa_wkvrg in float32
-            mix = self.time_maa_wkvrg[:, None, :] + torch.bmm(lora.contiguous(), self.time_maa_w2)
-        else:
-            # time_maa_wkvrg + lora @ time_maa_w2 in one batched GEMM (the bias enters as its C matrix)
-            mix = torch.baddbmm(self.time_maa_wkvrg[:, None, :], lora, self.time_maa_w2)
-        mixed = torch.addcmul(x, delta, mix.view(5, batch, seq_len, dim))
-        x_w, x_k, x_v, x_r, x_g = mixed.unbind(0)
-
+        # without autograd, temporaries are overwritten in place (fewer passes and allocations, the same values)
+        in_place = not torch.is_grad_enabled()
+        delta, xxx = self._shift_mix(x, self.time_maa_x[None], grid_size, with_delta=True)
+        lora = torch.tanh(xxx[0] @ self.time_maa_w1)
+        del xxx
+        lora = lora.view(batch * seq_len, 5, self.mix_lora_rank)
+        # one interpolation at a time (without autograd computed in place and freed after its projection, so the
+        # five never coexist)
+        mixed = functools.partial(self._interpolation, x, delta, lora, in_place)
+        # the interpolations' order in time_maa_wkvrg: w, k, v, r, g
         heads = (batch, seq_len, self.num_heads, self.head_size)
-        receptance = self.receptance(x_r).view(heads)
-        key = self.key(x_k).view(heads)
-        value = self.value(x_v).view(heads)
-        gate = F.silu(self.gate(x_g))
-        log_decay_rate = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+        receptance = self.receptance(mixed(3)).view(heads)
+        key = self.key(mixed(1)).view(heads)
+        value = self.value(mixed(2)).view(heads)
+        gate = F.silu(self.gate(mixed(4)), inplace=in_place)
+        log_decay_rate = self.time_decay + torch.tanh(mixed(0) @ self.time_decay_w1) @ self.time_decay_w2
+        del delta, mixed
 
         out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend)
-        out = self.ln_x(out.reshape(batch * seq_len, dim)).view(batch, seq_len, dim)
-        return self.output(out * gate)
+        out = group_norm_gate(
+            out.reshape(batch * seq_len, dim),
+            gate.reshape(batch * seq_len, dim),
+            self.ln_x.weight,
+            self.ln_x.bias,
+            self.ln_x.num_groups,
+            self.ln_x.eps,
+            self.kernel_backend,
+        )
+        return self.output(out.view(batch, seq_len, dim))
+
+    def _interpolation(
+        self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, index: int
+    ) -> torch.Tensor:
+        """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index])."""
+        if torch.is_autocast_enabled(x.device.type):
+            # the low-rank product in low precision, the sum with time_maa_wkvrg in float32
+            mix = self.time_maa_wkvrg[index] + lora[:, index] @ self.time_maa_w2[index]
+        else:
+            # the bias enters the GEMM as its C matrix
+            mix = torch.addmm(self.time_maa_wkvrg[index], lora[:, index], self.time_maa_w2[index])
+        mix = mix.view_as(x)
+        if in_place and mix.dtype == x.dtype:
+            return torch.addcmul(x, delta, mix, out=mix)
+        return torch.addcmul(x, delta, mix)
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:
@@ -188,12 +188,35 @@ class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
         self.key = nn.Linear(dim, config.intermediate_size, bias=False)
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(config.intermediate_size, dim, bias=False)
+        # without autograd, inputs of more rows (batch x tokens) than this run in equal chunks of at most as many
+        self.max_chunk_rows = 2048
 
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        x = hidden_states
-        delta = self._shift(x, grid_size) - x
-        key = torch.relu(self.key(torch.addcmul(x, delta, self.time_maa_k))).square()
-        return torch.sigmoid(self.receptance(torch.addcmul(x, delta, self.time_maa_r))) * self.value(key)
+        maa = torch.stack((self.time_maa_k, self.time_maa_r))
+        _, mixed = self._shift_mix(hidden_states, maa, grid_size, with_delta=False)
+        x_k, x_r = mixed.unbind(0)
+        if torch.is_grad_enabled():
+            key = torch.relu(self.key(x_k)).square()
+            return torch.sigmoid(self.receptance(x_r)) * self.value(key)
+        # without autograd: the same values with the temporaries overwritten in place, and long inputs in chunks
+        # of rows so that the (rows, intermediate_size) activation stays small
+        x_k, x_r = x_k.flatten(0, 1), x_r.flatten(0, 1)
+        rows = x_k.shape[0]
+        chunks = -(-rows // self.max_chunk_rows)
+        if chunks == 1:
+            return self._in_place(x_k, x_r).view_as(hidden_states)
+        step = -(-rows // chunks)
+        out = None
+        for start in range(0, rows, step):
+            part = self._in_place(x_k[start : start + step], x_r[start : start + step])
+            if out is None:
+                out = part.new_empty((rows, part.shape[-1]))
+            out[start : start + step] = part
+        return out.view_as(hidden_states)
+
+    def _in_place(self, x_k: torch.Tensor, x_r: torch.Tensor) -> torch.Tensor:
+        key = self.key(x_k).relu_()
+        return self.receptance(x_r).sigmoid_().mul_(self.value(key.mul_(key)))
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:
@@ -283,8 +306,8 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
         pixel_values = pixel_values.to(self.patch_embedding.weight.dtype)
         if pad_h or pad_w:
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
-        embeddings = self.patch_embedding(pixel_values)
-        grid_h, grid_w = embeddings.shape[-2:]
+        batch, channels = pixel_values.shape[:2]
+        grid_h, grid_w = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
         if (grid_h, grid_w) != (self.grid_size, self.grid_size) and interpolate_pos_encoding is False:
             raise ValueError(
                 f"Input image size ({height}x{width}) gives a {grid_h}x{grid_w} patch grid, but the position "
@@ -292,7 +315,15 @@ class RWKVCLIPVisionEmbeddings(nn.Module):
                 "interpolate_pos_encoding=True (or leave the default None) to resize it bicubically as the original "
                 "model does."
             )
-        embeddings = embeddings.flatten(2).transpose(1, 2)
+        conv = self.patch_embedding
+        if type(conv) is nn.Conv2d:
+            # the stride-p p x p convolution as one GEMM over the patches, in (batch, tokens, dim) order directly
+            # (faster than the convolution on CPUs; the same sums)
+            patches = pixel_values.reshape(batch, channels, grid_h, self.patch_size, grid_w, self.patch_size)
+            patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid_h * grid_w, -1)
+            embeddings = F.linear(patches, conv.weight.view(conv.out_channels, -1), conv.bias)
+        else:  # a wrapped module (e.g. by PEFT) runs as itself
+            embeddings = conv(pixel_values).flatten(2).transpose(1, 2)
         return embeddings + self.interpolate_pos_encoding(grid_h, grid_w), (grid_h, grid_w)
 
 
@@ -381,7 +412,8 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": RWKVCLIPBlock}
 
     def set_kernel_backend(self, backend: str) -> "RWKVCLIPPreTrainedModel":
-        """Choose the implementation of the custom ops (Bi-WKV) in every block of this model; returns the model.
+        """Choose the implementation of the custom ops in every block of this model (Bi-WKV and the fused element-wise
+        passes of `ops.block`); returns the model.
 
         Args:
             backend: `"auto"` (the prebuilt kernel when it loads for the tensors' device, else on a GPU the Triton
@@ -392,7 +424,7 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
         """
         check_backend(backend)
         for module in self.modules():
-            if isinstance(module, RWKVCLIPTokenMix):
+            if isinstance(module, _ShiftMixin):
                 module.kernel_backend = backend
         return self
 

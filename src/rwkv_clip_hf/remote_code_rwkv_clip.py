@@ -38,7 +38,11 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _REMOTE_CODE_FILES = {
     "configuration_rwkv_clip.py": ("configuration_rwkv_clip.py", {}),
     "remote_code_rwkv_clip.py": ("remote_code_rwkv_clip.py", {}),
-    "modeling_rwkv_clip.py": ("modeling_rwkv_clip.py", {"from .ops.bi_wkv import": "from .bi_wkv import"}),
+    "modeling_rwkv_clip.py": (
+        "modeling_rwkv_clip.py",
+        {"from .ops.bi_wkv import": "from .bi_wkv import", "from .ops.block import": "from .block_ops import"},
+    ),
+    "block_ops.py": ("ops/block.py", {"from .bi_wkv.kernel import": "from .bi_wkv_kernel import"}),
     "bi_wkv.py": (
         "ops/bi_wkv/__init__.py",
         {

@@ -10,7 +10,7 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["bi_wkv", "ops"]
+__all__ = ["bi_wkv", "group_norm_gate", "ops", "token_shift_mix"]
 
 
 @torch.library.register_fake(add_op_namespace_prefix("forward"))
@@ -48,3 +48,39 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     r, k, v, w = (x.to(dtype).contiguous() for x in (r, k, v, w))
     return ops.forward(r, k, v, w, u.to(acc).contiguous()).to(out_dtype)
+
+
+# The fused element-wise work of the RWKV-CLIP block (CPU; float32 and float64). Forward only: the model package
+# (rwkv_clip_hf.ops.block) holds their PyTorch composition, autograd and fallbacks.
+
+
+@torch.library.register_fake(add_op_namespace_prefix("token_shift_mix"))
+def _token_shift_mix_fake(x, maa, grid_h, grid_w, offsets, head_size, with_delta):
+    delta = torch.empty_like(x) if with_delta else x.new_empty(0)
+    return delta, x.new_empty((maa.shape[0],) + tuple(x.shape))
+
+
+@torch.library.register_fake(add_op_namespace_prefix("group_norm_gate"))
+def _group_norm_gate_fake(y, gate, weight, bias, groups, eps):
+    return torch.empty_like(y)
+
+
+def token_shift_mix(
+    x: torch.Tensor,
+    maa: torch.Tensor,
+    grid_size: tuple[int, int],
+    offsets: tuple[tuple[int, int], ...],
+    head_size: int,
+    with_delta: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta = shift(x) - x (an empty tensor unless `with_delta`) and mixed[j] = x + delta * maa[j]: x (B, T, C)
+    contiguous float32 / float64 on a `grid_size` token grid, maa (M, C) of x's dtype; mixed is (M, B, T, C)."""
+    flat = [int(value) for pair in offsets for value in pair]
+    return ops.token_shift_mix(x, maa, int(grid_size[0]), int(grid_size[1]), flat, int(head_size), bool(with_delta))
+
+
+def group_norm_gate(
+    y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float
+) -> torch.Tensor:
+    """GroupNorm(y) * gate for y, gate (rows, channels) contiguous float32 / float64; weight, bias (channels,)."""
+    return ops.group_norm_gate(y, gate, weight, bias, int(groups), float(eps))

@@ -1,0 +1,19 @@
+// Fused element-wise parts of the RWKV-CLIP block (block_cpu.cpp): declarations for the op registrations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace bi_wkv {
+
+// delta = shift(x) - x (or an empty tensor without with_delta) and mixed[j] = x + delta * maa[j], (M, B, T, C)
+std::tuple<at::Tensor, at::Tensor> token_shift_mix_cpu(const at::Tensor& x, const at::Tensor& maa, int64_t grid_h,
+                                                       int64_t grid_w, at::IntArrayRef offsets, int64_t head_size,
+                                                       bool with_delta);
+
+// GroupNorm(y) * gate over rows of y (rows, channels)
+at::Tensor group_norm_gate_cpu(const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,
+                               const at::Tensor& bias, int64_t groups, double eps);
+
+}  // namespace bi_wkv
