@@ -11,11 +11,11 @@ import re
 from huggingface_hub import ModelCardData
 
 from rwkv_clip_hf import RWKVCLIPConfig
+from rwkv_clip_hf.model_card import PAPER_URL, render_model_card
 
 from key_mapping import architecture_name, describe
 from verification import VerificationReport
 
-PAPER_URL = "https://arxiv.org/abs/2406.06973"
 ORIGINAL_REPO_URL = "https://github.com/deepglint/RWKV-CLIP"
 
 # Training sets of the released checkpoints, as spelled in their Hub repository names.
@@ -75,7 +75,8 @@ def model_card(
     dtype: str,
     verification: VerificationReport | None,
 ) -> str:
-    """README.md for the converted directory: Hub metadata, provenance, usage, expected results."""
+    """README.md for the converted directory: Hub metadata, provenance, expected results, usage (the package's
+    common card frame, `rwkv_clip_hf.model_card.render_model_card`)."""
     architecture = architecture_name(config)
     datasets = [KNOWN_TRAINING_DATA.get(name, {}).get("hub_id") or name for name in training_data]
     metadata = ModelCardData(
@@ -91,13 +92,7 @@ def model_card(
         if training_data
         else "not recorded (pass --training-data when converting)"
     )
-    lines = [
-        "---",
-        metadata.to_yaml(),
-        "---",
-        "",
-        f"# {title}" + (f" ({', '.join(training_data)})" if training_data else ""),
-        "",
+    intro = [
         f"RWKV-CLIP ([Gu et al., EMNLP 2024]({PAPER_URL})) is a CLIP-style dual encoder whose image and text towers",
         "are RWKV-6 blocks with a bidirectional, linear-time WKV operator instead of attention. These are the",
         f"authors' released weights ([{ORIGINAL_REPO_URL}]({ORIGINAL_REPO_URL}), MIT) converted to a native",
@@ -108,61 +103,30 @@ def model_card(
         f"- Converted from `{checkpoint_name}` (sha256 `{checkpoint_sha256}`), stored as {dtype}.",
     ]
     if verification is not None:
-        lines.append(
+        intro.append(
             f"- Conversion check: against an independent float64 forward over the original tensors, max relative "
             f"difference of the embeddings {verification.image:.1e} (image) and {verification.text:.1e} (text)."
         )
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from PIL import Image",
-        "from transformers import AutoModel, AutoProcessor, pipeline",
-        "",
-        "import rwkv_clip_hf  # pip install rwkv-clip-hf: registers the model, tokenizer and processor",
-        "",
-        f'repo = "{repo_id}"',
-        "model = AutoModel.from_pretrained(repo).eval()",
-        "processor = AutoProcessor.from_pretrained(repo)",
-        "",
-        'image = Image.open("cat.jpg")',
-        'labels = ["a photo of a cat", "a photo of a dog"]',
-        'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
-        "with torch.no_grad():",
-        "    probs = model(**inputs).logits_per_image.softmax(dim=-1)",
-        "print(probs)",
-        "",
-        'classifier = pipeline("zero-shot-image-classification", model=repo)',
-        'print(classifier(image, candidate_labels=["cat", "dog"]))',
-        "```",
-        "",
-        "Embeddings: `model.get_image_features(pixel_values).pooler_output` and",
-        "`model.get_text_features(input_ids, attention_mask).pooler_output` (not normalised). The repository also",
-        "carries the code of the model, tokenizer, image processor and processor: without the package, pass",
-        "`trust_remote_code=True` to `AutoModel`, `AutoProcessor` (or `AutoTokenizer`, `AutoImageProcessor`) and",
-        "`pipeline(...)`; the results are the same (it needs `ftfy` and `regex` for the tokenizer).",
-    ]
+    sections = {}
     published = PUBLISHED_RESULTS.get((architecture, training_data[0] if len(training_data) == 1 else None))
     if published:
-        lines += ["", "## Published results", "", "From the paper; a faithful conversion reproduces them:", ""]
+        lines = ["From the paper; a faithful conversion reproduces them:", ""]
         for table, values in published.items():
             lines += [f"| {table} | " + " | ".join(values) + " |", "|---" * (len(values) + 1) + "|"]
             lines += ["| RWKV-CLIP | " + " | ".join(f"{value:.1f}" for value in values.values()) + " |", ""]
-    lines += [
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        "@inproceedings{gu2024rwkvclip,",
-        "  title     = {RWKV-CLIP: A Robust Vision-Language Representation Learner},",
-        "  author    = {Gu, Tiancheng and Yang, Kaicheng and An, Xiang and Feng, Ziyong and Liu, Dongnan and",
-        "               Cai, Weidong and Deng, Jiankang},",
-        "  booktitle = {Proceedings of the 2024 Conference on Empirical Methods in Natural Language Processing},",
-        "  year      = {2024}",
-        "}",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        sections["Published results"] = "\n".join(lines)
+    limitations = (
+        "The converted model computes what the original computes, so the original's limitations carry over: it "
+        "knows what its\nweb image-text pairs taught it, with their biases, and its zero-shot accuracy depends "
+        "on the prompts. Captions\nlonger than "
+        f"{config.text_config.max_position_embeddings} tokens are cut to that context."
+    )
+    return render_model_card(
+        metadata,
+        title=title + (f" ({', '.join(training_data)})" if training_data else ""),
+        intro="\n".join(intro),
+        sections=sections,
+        repo=f'"{repo_id}"',
+        remote_code=True,
+        limitations=limitations,
+    )

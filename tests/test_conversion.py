@@ -370,6 +370,9 @@ def test_card_of_a_released_architecture_lists_the_published_results():
         verification=None,
     )
     assert "# RWKV-CLIP-B/32 (YFCC15M)" in card
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == ["## Published results", "## Usage", "## Limitations", "## Citation"]
+    assert 'repo = "me/rwkv-clip"' in card and "trust_remote_code=True" in card and "@inproceedings{gu2024" in card
     table = next(line for line in card.splitlines() if line.startswith("| zero-shot top-1"))
     assert "ImageNet" in table
     assert conv.model_card.__doc__  # public function documented
