@@ -52,6 +52,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.evaluation.cli import cli_message
 from rwkv_clip_hf.evaluation.data import load_eval_dataset
 from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
@@ -255,11 +256,10 @@ def load_split(name: str, split: str, config_name: str | None, split_option: str
     """One split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict, data files, an image
     folder), as `rwkv-clip-eval` loads it; a message naming the option instead of a traceback."""
     try:
-        return load_eval_dataset(
-            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
-        ).dataset
+        return load_eval_dataset(name, split, config_name=config_name).dataset
     except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
-        raise SystemExit(f"error: {error}") from None
+        message = cli_message(str(error), {"dataset": "--dataset_name", "split": split_option})
+        raise SystemExit(f"error: {message}") from None
 
 
 def load_data(data_args: DataArguments, image_size: int, seed: int):
