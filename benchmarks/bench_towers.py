@@ -127,6 +127,31 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------- models
 
 
+def clip_b32_config():
+    """transformers' CLIP ViT-B/32 (openai/clip-vit-base-patch32's sizes; also CLIPConfig()'s defaults)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_attention_heads": 8,
+            "num_hidden_layers": 12,
+            "max_position_embeddings": TEXT_LENGTH,
+            "vocab_size": 49408,
+        },
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "image_size": NATIVE_IMAGE_SIZE,
+            "patch_size": 32,
+        },
+        projection_dim=512,
+    )
+
+
 def build_model(tower: str, impl: str) -> torch.nn.Module:
     """A randomly initialised tower in eval mode, built from its config only (no network)."""
     torch.manual_seed(0)
@@ -139,9 +164,10 @@ def build_model(tower: str, impl: str) -> torch.nn.Module:
         else:
             model = RWKVCLIPTextModel(config.text_config)
     elif impl == "clip":
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPTextModel, CLIPVisionModel
 
-        model = CLIPVisionModel(CLIPVisionConfig()) if tower == "vision" else CLIPTextModel(CLIPTextConfig())
+        config = clip_b32_config()
+        model = CLIPVisionModel(config.vision_config) if tower == "vision" else CLIPTextModel(config.text_config)
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     return model.eval()
@@ -408,9 +434,8 @@ def measure_memory(tower: str, impl: str, size: int, batch: int, threads: int, i
 # ----------------------------------------------------------------------------------------------- report
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    import transformers
-
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and flags from /proc/cpuinfo ("unknown" and none elsewhere)."""
     cpu, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -421,6 +446,13 @@ def machine_info(threads: int) -> dict[str, Any]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import transformers
+
+    cpu, flags = cpu_model_and_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
     isa = [flag for flag in sorted(flags) if flag in wanted]
     try:
@@ -687,16 +719,9 @@ def run_workload(
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.memory_child is not None:
-        memory_child(json.loads(args.memory_child))
-        return 0
-
-    torch.set_num_threads(args.threads)
-    import rwkv_clip_hf  # noqa: F401  (imported before timing so import cost is never measured)
-
-    info = machine_info(args.threads)
+def print_settings(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """The `== machine ==` header: versions, CPU, settings, batches. Drops the bf16 workloads (from `args`)
+    on a CPU without native bf16 unless --force-bf16."""
     print("== machine ==")
     for key in ("torch", "transformers", "python", "threads", "usable_cpus", "cpu", "platform", "mkldnn"):
         print(f"{key:>13}: {info[key]}")
@@ -718,32 +743,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'text batch':>13}: {args.text_batch} x {TEXT_LENGTH} tokens")
     print(flush=True)
 
+
+Workload = tuple[str, int, int]  # (tower, size, batch)
+
+
+def plan_workloads(args: argparse.Namespace) -> tuple[list[Workload], list[Workload]]:
+    """The fp32 and the bf16-autocast workloads, in the order they run."""
     workloads = [("vision", size, batch) for size, batch in zip(args.sizes, args.batch)]
     if not args.no_text:
         workloads.append(("text", TEXT_LENGTH, args.text_batch))
     bf16_workloads = [("vision", size, batch) for size, batch in zip(args.bf16_sizes, args.bf16_batch)]
     if bf16_workloads and not args.no_text:
         bf16_workloads.append(("text", TEXT_LENGTH, args.text_batch))
+    return workloads, bf16_workloads
 
+
+def measure_memories(args: argparse.Namespace, workloads: list[Workload]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Peak memory of both models on each workload, one fresh subprocess each (none with --no-memory)."""
     # Memory first, while this process is still small: a child's ru_maxrss starts at no less than the
     # parent's RSS at spawn time (the kernel carries the pre-exec peak over), so spawning children from a
     # process that already holds the models would inflate their peaks.
     memory = {}
-    if not args.no_memory:
-        jobs = [(tower, impl, size, batch) for tower, size, batch in workloads for impl in IMPLS]
-        log(f"memory: {len(jobs)} fresh subprocesses, {args.memory_jobs} at a time")
-        with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
-            measured = pool.map(lambda job: measure_memory(*job, args.threads, args.memory_iters), jobs)
-            results = dict(zip(jobs, measured))
-        for tower, size, batch in workloads:
-            clip_mem, rwkv_mem = results[(tower, "clip", size, batch)], results[(tower, "rwkv", size, batch)]
-            memory[(tower, size)] = {"memory": {"clip": clip_mem, "rwkv": rwkv_mem}}
-            if clip_mem and rwkv_mem:
-                memory[(tower, size)]["memory_ratio"] = _ratio(rwkv_mem["peak_mib"], clip_mem["peak_mib"])
-                memory[(tower, size)]["forward_memory_ratio"] = _ratio(
-                    rwkv_mem["increase_mib"], clip_mem["increase_mib"]
-                )
+    if args.no_memory:
+        return memory
+    jobs = [(tower, impl, size, batch) for tower, size, batch in workloads for impl in IMPLS]
+    log(f"memory: {len(jobs)} fresh subprocesses, {args.memory_jobs} at a time")
+    with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+        measured = pool.map(lambda job: measure_memory(*job, args.threads, args.memory_iters), jobs)
+        results = dict(zip(jobs, measured))
+    for tower, size, batch in workloads:
+        clip_mem, rwkv_mem = results[(tower, "clip", size, batch)], results[(tower, "rwkv", size, batch)]
+        memory[(tower, size)] = {"memory": {"clip": clip_mem, "rwkv": rwkv_mem}}
+        if clip_mem and rwkv_mem:
+            memory[(tower, size)]["memory_ratio"] = _ratio(rwkv_mem["peak_mib"], clip_mem["peak_mib"])
+            memory[(tower, size)]["forward_memory_ratio"] = _ratio(rwkv_mem["increase_mib"], clip_mem["increase_mib"])
+    return memory
 
+
+def run_timings(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    workloads: list[Workload],
+    bf16_workloads: list[Workload],
+    memory: dict[tuple[str, int], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The GEMM peaks, then every workload timed (`run_workload`): the result rows and the peaks."""
     log("GEMM peak: square fp32 and bf16 torch.mm")
     # without native bf16 a 2048^2 bf16 GEMM takes minutes: a small one still shows the rate
     bf16_size = GEMM_PEAK_SIZE if info["native_bf16"] else 256
@@ -758,9 +802,11 @@ def main(argv: list[str] | None = None) -> int:
     for tower, size, batch in bf16_workloads:
         rows.append(run_workload(args, tower, size, batch, state, precision="bf16"))
     state.pop("_models", None)
-    peaks = state.pop("_gemm_peak")
-    info["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return rows, state.pop("_gemm_peak")
 
+
+def print_throughput(rows: list[dict[str, Any]], info: dict[str, Any], peaks: dict[str, float]) -> None:
+    """The `== throughput and memory ==` table, the GEMM peaks, parameter memory and CLIP's attention."""
     print("== throughput and memory ==")
     print_table(rows)
     print(
@@ -775,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     attention = sorted({str(row["clip_attention"]) for row in rows})
     print(f"CLIP attention implementation: {', '.join(attention)}")
 
+
+def print_bi_wkv_shares(rows: list[dict[str, Any]]) -> None:
     print("\n== Bi-WKV share of RWKV-CLIP forward time (timed wrapper around modeling_rwkv_clip.bi_wkv) ==")
     for row in rows:
         b = row["bi_wkv"]
@@ -787,18 +835,21 @@ def main(argv: list[str] | None = None) -> int:
             f"per forward, {b['calls_per_forward']:.0f} calls/forward, {b['iterations']} forwards)"
         )
 
-    if not args.no_profile:
-        print("\n== torch.profiler: self CPU time by category and top ops (includes profiler overhead) ==")
-        for row in rows:
-            for impl in IMPLS:
-                prof = row["profile"][impl]
-                cats = ", ".join(f"{name} {100 * share:.1f}%" for name, share in prof["categories"].items())
-                print(f"{row['what']} {row['size']} batch {row['batch']}, {LABEL[impl]}: {cats}")
-                for op in prof["top_ops"]:
-                    per_forward = op["self_ms"] / prof["iterations"]
-                    print(f"    {op['op']:<50} {per_forward:9.2f} ms/fwd {100 * op['share']:5.1f}%")
 
-    print("\n== goals (issue #20) ==")
+def print_profiles(rows: list[dict[str, Any]]) -> None:
+    print("\n== torch.profiler: self CPU time by category and top ops (includes profiler overhead) ==")
+    for row in rows:
+        for impl in IMPLS:
+            prof = row["profile"][impl]
+            cats = ", ".join(f"{name} {100 * share:.1f}%" for name, share in prof["categories"].items())
+            print(f"{row['what']} {row['size']} batch {row['batch']}, {LABEL[impl]}: {cats}")
+            for op in prof["top_ops"]:
+                per_forward = op["self_ms"] / prof["iterations"]
+                print(f"    {op['op']:<50} {per_forward:9.2f} ms/fwd {100 * op['share']:5.1f}%")
+
+
+def check_goals(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each goal of issue #20 with its measured value and status (met, NOT MET, not measured)."""
     goals = []
     by_key = {(row["what"], row["size"], row.get("precision", "fp32")): row for row in rows}
     for (what, size, precision), threshold in SPEED_GOALS.items():
@@ -841,6 +892,11 @@ def main(argv: list[str] | None = None) -> int:
             "status": mem_status,
         }
     )
+    return goals
+
+
+def print_goals(goals: list[dict[str, Any]]) -> None:
+    print("\n== goals (issue #20) ==")
     for goal in goals:
         value = "" if goal["value"] is None else f" (x{goal['value']:.3f})"
         print(f"  [{goal['status']}] {goal['goal']}{value}")
@@ -848,19 +904,41 @@ def main(argv: list[str] | None = None) -> int:
     print("  (numerics: tests/ops and tests/test_conversion.py; the %peak columns show how close each tower runs to")
     print("   the GEMM ceiling, i.e. what bounds a goal that is not met)")
 
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    print(f"\nwrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        memory_child(json.loads(args.memory_child))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    import rwkv_clip_hf  # noqa: F401  (imported before timing so import cost is never measured)
+
+    info = machine_info(args.threads)
+    print_settings(args, info)
+    workloads, bf16_workloads = plan_workloads(args)
+    memory = measure_memories(args, workloads)
+    rows, peaks = run_timings(args, info, workloads, bf16_workloads, memory)
+    info["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    print_throughput(rows, info, peaks)
+    print_bi_wkv_shares(rows)
+    if not args.no_profile:
+        print_profiles(rows)
+    goals = check_goals(args, rows)
+    print_goals(goals)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        payload = {
-            "machine": info,
-            "args": {k: v for k, v in vars(args).items() if k != "memory_child"},
-            "rows": rows,
-            "goals": goals,
-            "gemm_peak_gflops": peaks,
-        }
-        with open(args.json, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        print(f"\nwrote {args.json}")
+        arguments = {k: v for k, v in vars(args).items() if k != "memory_child"}
+        write_json(
+            args.json, {"machine": info, "args": arguments, "rows": rows, "goals": goals, "gemm_peak_gflops": peaks}
+        )
     return 0
 
 

@@ -13,58 +13,22 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-# make `rwkv_clip_hf` importable from a source checkout without PYTHONPATH=src
-_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-if os.path.isdir(os.path.join(_SRC, "rwkv_clip_hf")) and _SRC not in sys.path:
-    sys.path.insert(0, _SRC)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
 
-import torch  # noqa: E402
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
+# bench_towers (this folder), imported before transformers and rwkv_clip_hf, puts the checkout's src/ on sys.path
+# and sets HF_HUB_OFFLINE; its CLIP ViT-B/32 config and CPU probe are shared here
+from bench_towers import clip_b32_config, cpu_model_and_flags
+from transformers import CLIPModel
 
-from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel  # noqa: E402
+from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel
 
 GOAL = 1.10
 
 
-def clip_b32() -> CLIPModel:
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 512,
-            "intermediate_size": 2048,
-            "num_attention_heads": 8,
-            "num_hidden_layers": 12,
-            "max_position_embeddings": 77,
-            "vocab_size": 49408,
-        },
-        vision_config={
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "image_size": 224,
-            "patch_size": 32,
-        },
-        projection_dim=512,
-    )
-    return CLIPModel(config)
-
-
 def machine() -> dict:
-    cpu, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    cpu, flags = cpu_model_and_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
     return {
         "cpu": cpu,
@@ -106,7 +70,7 @@ def main():
 
     rwkv = RWKVCLIPModel(RWKVCLIPConfig.from_preset("B/32"))
     rwkv.config.vision_config.drop_path_rate = 0.0  # same work every step
-    steps = {"clip": stepper(clip_b32(), inputs), "rwkv": stepper(rwkv, inputs)}
+    steps = {"clip": stepper(CLIPModel(clip_b32_config()), inputs), "rwkv": stepper(rwkv, inputs)}
     times = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 from datasets import ClassLabel
+from huggingface_hub import ModelCardData
 from transformers import pipeline
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.evaluation.cli import run as run_eval
+from rwkv_clip_hf.model_card import render_model_card
 from rwkv_clip_hf.shapes import (
     BACKGROUNDS,
     COLORS,
@@ -401,32 +403,20 @@ are the same scene in other shapes."""
         f"{'met' if goal_met else 'not reached'} ({100 * held_out['accuracy']:.1f} %)."
     )
     held_out_names = ", ".join(pair_name(c, s) for c, s in held_out_pairs())
-    return f"""---
-library_name: rwkv-clip-hf
-pipeline_tag: zero-shot-image-classification
-license: mit
-tags: [rwkv-clip, clip, synthetic]
----
-
-# rwkv-clip-shapes-tiny
-
+    intro = f"""\
 The default model bundled with rwkv-clip-hf: a {parameters / 1e6:.1f}M-parameter RWKV-CLIP
 (width 96; 4 image blocks on 8x8 patches of 64x64 images, 2 text blocks over 32 tokens, the real CLIP
 tokenizer) trained from scratch on procedurally generated images of coloured shapes with captions
 (`rwkv_clip_hf.shapes`). It exists so that `make demo` does real zero-shot classification offline; it knows
-only colours, shapes, sizes, positions, counts and backgrounds of flat drawings.
-
-## Training
-
+only colours, shapes, sizes, positions, counts and backgrounds of flat drawings."""
+    training = f"""\
 {len(held_out_pairs())} colour x shape pairs are held out of every training step ({held_out_names}):
 no image of them is seen, neither with captions nor with labels.{random_note}
 
 {steps}
 
-{sum(seconds.values()) / 60:.0f} minutes on 2 CPU cores in all. Weights stored in float16, loaded as float32.
-
-## Evaluation
-
+{sum(seconds.values()) / 60:.0f} minutes on 2 CPU cores in all. Weights stored in float16, loaded as float32."""
+    evaluation = f"""\
 Zero-shot top-1 accuracy with `rwkv-clip-eval zero-shot` on {args.eval_samples} newly generated images per row,
 with prompt phrasings never used in training (templates averaged as in CLIP):
 
@@ -438,10 +428,11 @@ with prompt phrasings never used in training (templates averaged as in CLIP):
 predictions get the colour right {100 * held_out["color_right"]:.1f} % and the shape right
 {100 * held_out["shape_right"]:.1f} % of the time). "held out shape": the same images among the 6 shape names.
 "seen color shape": new images of pairs seen in training. "attribute X": one attribute of the seen-pair images,
-the others ignored.
-
-## Limitations
-
+the others ignored."""
+    reproduce = f"""```bash
+make default-model      # python examples/build_default_model.py --seed {args.seed} (the defaults above)
+```"""
+    limitations = f"""\
 {verdict} It knows nothing but these drawings. Position, count and size, which only some captions mention, are
 learnt less well than colour and shape (table above).
 
@@ -449,24 +440,25 @@ Why the two steps: trained contrastively with both towers from scratch (the prev
 steps of batch 64), this tower reached 63 % on shape and 55-60 % on the held-out pairs; captions teach colour
 long before shape. Trained on the shape label, the same tower is above 90 % after 600 steps. {why_step_2}
 
-The bundled example images in `examples/images/` are single, clear drawings.
-
-## Reproduce
-
-```bash
-make default-model      # python examples/build_default_model.py --seed {args.seed} (the defaults above)
-```
-
-## Use
-
-```python
-import rwkv_clip_hf
-from transformers import pipeline
-
-classifier = pipeline("zero-shot-image-classification", model=rwkv_clip_hf.default_model_path())
-classifier(image, candidate_labels=["a red circle", "a blue square"])
-```
-"""
+The bundled example images in `examples/images/` are single, clear drawings."""
+    metadata = ModelCardData(
+        library_name="rwkv-clip-hf",
+        pipeline_tag="zero-shot-image-classification",
+        license="mit",
+        tags=["rwkv-clip", "clip", "synthetic"],
+    )
+    return render_model_card(
+        metadata,
+        title="rwkv-clip-shapes-tiny",
+        intro=intro,
+        sections={"Training": training, "Evaluation": evaluation, "Reproduce": reproduce},
+        repo="rwkv_clip_hf.default_model_path()",
+        remote_code=False,  # the package serves the code: none in the bundle
+        limitations=limitations,
+        image="examples/images/red_circle.png",
+        prompts=("a photo of a red circle.", "a photo of a blue square."),
+        candidate_labels=("a red circle", "a blue square"),
+    )
 
 
 def main():

@@ -34,6 +34,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, TrainingArguments
 
 import rwkv_clip_hf  # noqa: F401
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPImageProcessor
+from rwkv_clip_hf.evaluation.cli import cli_message
 from rwkv_clip_hf.evaluation.data import load_eval_dataset
 from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs, make_shapes_dataset, pair_name
@@ -121,11 +122,10 @@ def load_split(name: str, split: str, config_name: str | None, split_option: str
     """`(dataset, has_splits)`: one split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict,
     data files, an image folder), as `rwkv-clip-eval` loads it; a message naming the option, not a traceback."""
     try:
-        data = load_eval_dataset(
-            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
-        )
+        data = load_eval_dataset(name, split, config_name=config_name)
     except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
-        raise SystemExit(f"error: {error}") from None
+        message = cli_message(str(error), {"dataset": "--dataset_name", "split": split_option})
+        raise SystemExit(f"error: {message}") from None
     return data.dataset, data.source["split"] is not None
 
 

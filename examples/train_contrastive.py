@@ -11,7 +11,7 @@ does with raw text / synthetic caption / generated description):
 
     python examples/train_contrastive.py --output_dir runs/ft --model_name_or_path path/to/rwkv-clip-b32 \
         --dataset_name my/dataset --image_column image --caption_columns raw_text caption description \
-        --learning_rate 1e-5 --per_device_train_batch_size 128 --bf16
+        --learning_rate 1e-5 --per_device_train_batch_size 128
 
 Hard negatives: batches made of whole groups of rows that share a column's value, e.g. generated scenes of
 6 images that differ in shape only (the bundled default model uses scenes of 3):
@@ -52,6 +52,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArg
 
 import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 from rwkv_clip_hf import RWKVCLIPConfig, RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
+from rwkv_clip_hf.evaluation.cli import cli_message
 from rwkv_clip_hf.evaluation.data import load_eval_dataset
 from rwkv_clip_hf.processing_rwkv_clip import check_processor_matches_model
 from rwkv_clip_hf.shapes import held_out_pairs, make_shapes_dataset
@@ -62,6 +63,7 @@ from rwkv_clip_hf.training import (
     NonFiniteTrainingError,
     RWKVCLIPTrainer,
     machine_training_defaults,
+    paper_training_defaults,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,22 +91,9 @@ TINY_CONFIG = {
     },
 }
 
-# The paper's recipe (docs/architecture.md §9), as defaults of the TrainingArguments flags.
-PAPER_DEFAULTS = dict(
-    learning_rate=1e-3,
-    adam_beta1=0.9,
-    adam_beta2=0.98,
-    adam_epsilon=1e-6,
-    weight_decay=0.2,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.1,
-    max_grad_norm=1.0,
-    remove_unused_columns=False,
-    logging_steps=10,
-    save_strategy="epoch",
-    save_total_limit=2,
-    report_to="none",
-)
+# The paper's recipe (docs/architecture.md §9, `paper_training_arguments`), as defaults of the TrainingArguments
+# flags, with this script's logging and checkpointing.
+PAPER_DEFAULTS = {**paper_training_defaults(), "logging_steps": 10, "save_strategy": "epoch", "save_total_limit": 2}
 
 
 @dataclass
@@ -255,11 +244,10 @@ def load_split(name: str, split: str, config_name: str | None, split_option: str
     """One split of a Hub dataset or a local one (a `save_to_disk` Dataset or DatasetDict, data files, an image
     folder), as `rwkv-clip-eval` loads it; a message naming the option instead of a traceback."""
     try:
-        return load_eval_dataset(
-            name, split, config_name=config_name, dataset_option="--dataset_name", split_option=split_option
-        ).dataset
+        return load_eval_dataset(name, split, config_name=config_name).dataset
     except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
-        raise SystemExit(f"error: {error}") from None
+        message = cli_message(str(error), {"dataset": "--dataset_name", "split": split_option})
+        raise SystemExit(f"error: {message}") from None
 
 
 def load_data(data_args: DataArguments, image_size: int, seed: int):

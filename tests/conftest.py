@@ -1,5 +1,8 @@
 import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +99,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The first lines of every script that plays a Hub user without this package (tests/test_modeling.py,
+# tests/test_remote_code.py): the package cannot be imported there.
+WITHOUT_THE_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["rwkv_clip_hf"] = None  # the package must not be importable here
+    try:
+        import rwkv_clip_hf
+        raise SystemExit("rwkv_clip_hf is importable")
+    except ImportError:
+        pass
+    """
+)
+
+
+def run_without_the_package(script: str, *args, cwd: Path, timeout: int) -> None:
+    """Run `script` (after `WITHOUT_THE_PACKAGE`) with `args` in a fresh interpreter, offline and with its own
+    transformers modules cache under `cwd`; fail with the end of its stderr unless it exits with 0."""
+    path = Path(cwd) / "without_the_package.py"
+    path.write_text(WITHOUT_THE_PACKAGE + textwrap.dedent(script))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(cwd) / "modules")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, str(path), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def use_torch_bi_wkv(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put `model` and the remote-code copies a subprocess loads on the PyTorch Bi-WKV path, so that their outputs
+    must be bitwise equal (the copied code cannot see this checkout's kernel build)."""
+    monkeypatch.setenv("RWKV_CLIP_KERNEL_BACKEND", "torch")
+    model.set_kernel_backend("torch")

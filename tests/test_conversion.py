@@ -213,6 +213,27 @@ def test_full_size_key_sets_convert_to_the_released_architectures(name, dims):
     assert {v.dtype for v in converted.values()} == {torch.float32}
 
 
+def test_key_mapping_table_maps_single_fused_and_unknown_keys():
+    """The declarative table: a block key goes to its tower, the five time_maa_{w,k,v,r,g} fuse in that order,
+    ln0 of block 0 is the tower's pre-norm; a key without a rule, a duplicate or a partial fused group is named."""
+    assert conv.map_key("text_model.blocks.3.ln2.bias") == ("text_model.encoder.layers.3.norm2.bias", 0, 1, "same")
+    assert conv.map_key("image_model.layers.0.ln0.weight")[0] == "vision_model.pre_layernorm.weight"
+    assert conv.map_key("image_model.layers.1.ffn.spatial_mix_r")[::3] == (
+        "vision_model.encoder.layers.1.channel_mix.time_maa_r",
+        "one_minus",
+    )
+    fused = [f"image_model.layers.2.att.time_maa_{name}" for name in "wkvrg"]
+    assert conv.conversion_plan(fused[::-1]) == [
+        ("vision_model.encoder.layers.2.token_mix.time_maa_wkvrg", tuple(fused), "stack")
+    ]
+    with pytest.raises(conv.ConversionError, match=r"no conversion rule for the original key 'text_model\.ln0\.bias'"):
+        conv.conversion_plan(["text_model.ln0.bias"])
+    with pytest.raises(conv.ConversionError, match="original tensors missing for .*time_maa_wkvrg"):
+        conv.conversion_plan(fused[:4])
+    with pytest.raises(conv.ConversionError, match="both map to 'logit_scale'"):
+        conv.conversion_plan(["logit_scale", "logit_scale"])
+
+
 # ---------------------------------------------------------------------------------------- tiny end to end
 
 
@@ -349,6 +370,9 @@ def test_card_of_a_released_architecture_lists_the_published_results():
         verification=None,
     )
     assert "# RWKV-CLIP-B/32 (YFCC15M)" in card
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == ["## Published results", "## Usage", "## Limitations", "## Citation"]
+    assert 'repo = "me/rwkv-clip"' in card and "trust_remote_code=True" in card and "@inproceedings{gu2024" in card
     table = next(line for line in card.splitlines() if line.startswith("| zero-shot top-1"))
     assert "ImageNet" in table
     assert conv.model_card.__doc__  # public function documented
@@ -617,7 +641,7 @@ def test_unwritable_output_and_full_disk_are_conversion_errors(tmp_path, tiny_ch
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
     with monkeypatch.context() as patch:
-        patch.setattr(conv.tempfile, "mkdtemp", read_only)
+        patch.setattr("tempfile.mkdtemp", read_only)
         assert conv.main(argv) == 2
     assert f"cannot write the output {tmp_path / 'out'}: Permission denied ({tmp_path})" in capsys.readouterr().err
 
@@ -679,10 +703,10 @@ def _stack_kwvrg(tensors):
     return torch.stack([k, w, v, r, g])
 
 
-@pytest.mark.parametrize("name, wrong", [("_one_minus_flat", _without_one_minus), ("_stack", _stack_kwvrg)])
+@pytest.mark.parametrize("name, wrong", [("one_minus", _without_one_minus), ("stack", _stack_kwvrg)])
 def test_verify_fails_on_a_wrong_mapping(tmp_path, tiny_checkpoint, monkeypatch, capsys, name, wrong):
     checkpoint, _ = tiny_checkpoint
-    monkeypatch.setattr(conv, name, wrong)
+    monkeypatch.setitem(conv.TRANSFORMS, name, wrong)
     code = conv.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--verify"])
     assert code == 1
     assert "does not reproduce the original-key reference" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoProcessor
 import rwkv_clip_hf
 from rwkv_clip_hf import RWKVCLIPForImageClassification, RWKVCLIPModel, RWKVCLIPProcessor
 from rwkv_clip_hf.shapes import COLORS, SHAPES, held_out_pairs
+from rwkv_clip_hf.training import paper_training_arguments, paper_training_defaults
 
 from conftest import randomize_, real_vocab_config
 
@@ -54,6 +55,16 @@ def save_classifier(path: Path, config, seed: int) -> RWKVCLIPForImageClassifica
     classifier = randomize_(RWKVCLIPForImageClassification(config), seed=seed)
     classifier.save_pretrained(path)
     return classifier
+
+
+def test_contrastive_defaults_are_the_librarys_paper_recipe(tmp_path, contrastive):
+    _, _, args = contrastive.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    recipe = paper_training_arguments(str(tmp_path), use_cpu=True)
+    assert {name: getattr(args, name) for name in paper_training_defaults()} == {
+        name: getattr(recipe, name) for name in paper_training_defaults()
+    }
+    assert (args.learning_rate, args.adam_beta2, args.weight_decay) == (1e-3, 0.98, 0.2)
+    assert (args.logging_steps, args.save_strategy, args.save_total_limit) == (10, "epoch", 2)
 
 
 def test_vision_tower_comes_from_the_classifier_and_the_text_tower_from_scratch(tmp_path, contrastive):

@@ -1,9 +1,6 @@
 """RWKV-CLIP towers and model against the independent float64 reference in tests/reference.py."""
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +14,7 @@ from rwkv_clip_hf import (
     RWKVCLIPVisionModel,
 )
 
-from conftest import BOS, EOS, VOCAB, randomize_, tiny_config
+from conftest import BOS, EOS, VOCAB, randomize_, run_without_the_package, tiny_config, use_torch_bi_wkv
 from reference import original_ids, text_tower, vision_tower
 
 
@@ -320,15 +317,8 @@ def test_auto_classes(tmp_path, model):
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.modules["rwkv_clip_hf"] = None  # the package must not be importable here
     import torch
     from transformers import AutoConfig, AutoModel
-    try:
-        import rwkv_clip_hf
-        raise SystemExit("rwkv_clip_hf is importable")
-    except ImportError:
-        pass
     path, inputs_path, out_path = sys.argv[1:4]
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     assert type(config).__name__ == "RWKVCLIPConfig", type(config)
@@ -347,10 +337,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
 
 def test_trust_remote_code_without_the_package(tmp_path, model, monkeypatch):
-    # both sides on the PyTorch Bi-WKV path, so that the outputs must be bitwise equal (the flattened copy
-    # cannot see this checkout's kernel build)
-    monkeypatch.setenv("RWKV_CLIP_KERNEL_BACKEND", "torch")
-    model.set_kernel_backend("torch")
+    use_torch_bi_wkv(model, monkeypatch)
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     for name in (
@@ -366,19 +353,9 @@ def test_trust_remote_code_without_the_package(tmp_path, model, monkeypatch):
         assert (model_dir / name).is_file(), name
     inputs = {"input_ids": torch.tensor([[BOS, 4, 9, EOS]]), "pixel_values": torch.randn(2, 3, 40, 32)}
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    script = tmp_path / "load.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(model_dir), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_without_the_package(
+        REMOTE_CODE_SCRIPT, model_dir, tmp_path / "inputs.pt", tmp_path / "out.pt", cwd=tmp_path, timeout=300
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = model(**inputs).logits_per_image
     torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected, rtol=0, atol=0)

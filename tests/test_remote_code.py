@@ -3,9 +3,6 @@ image processor and the processor. Checked in a fresh interpreter where `rwkv_cl
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +11,7 @@ import torch
 
 from rwkv_clip_hf import RWKVCLIPModel, RWKVCLIPProcessor
 
-from conftest import randomize_, real_vocab_config
+from conftest import randomize_, real_vocab_config, run_without_the_package, use_torch_bi_wkv
 from test_image_processing import random_image
 from test_tokenization import TRICKY
 
@@ -39,13 +36,7 @@ CODE_FILES = {
 # Runs without the package. Prints one JSON line: what each loader gave, or the error it raised.
 HUB_USER_SCRIPT = textwrap.dedent(
     """
-    import json, sys
-    sys.modules["rwkv_clip_hf"] = None  # the package must not be importable here
-    try:
-        import rwkv_clip_hf
-        raise SystemExit("rwkv_clip_hf is importable")
-    except ImportError:
-        pass
+    import json
     import numpy as np
     import torch
     from PIL import Image
@@ -112,30 +103,16 @@ def test_saved_directory_carries_all_code(saved_dir):
 def test_hub_user_without_the_package_gets_what_the_package_gives(saved_dir, tmp_path, monkeypatch):
     from transformers import pipeline
 
-    # both sides on the PyTorch Bi-WKV path, so that the outputs must be bitwise equal (the copied code cannot
-    # see this checkout's kernel build)
-    monkeypatch.setenv("RWKV_CLIP_KERNEL_BACKEND", "torch")
     path, model = saved_dir
-    model.set_kernel_backend("torch")
+    use_torch_bi_wkv(model, monkeypatch)
     processor = RWKVCLIPProcessor.from_pretrained(path)
     images = [random_image(50, 41, "RGB", seed=5), random_image(33, 60, "RGBA", seed=6)]
     images = [np.asarray(image.convert("RGB")) for image in images]
     inputs = {"texts": TRICKY, "labels": LABELS, "images": [image.tolist() for image in images]}
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
-    script = tmp_path / "hub_user.py"
-    script.write_text(HUB_USER_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.json"), str(tmp_path / "out.json")],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_without_the_package(
+        HUB_USER_SCRIPT, path, tmp_path / "inputs.json", tmp_path / "out.json", cwd=tmp_path, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
 
     # without trust_remote_code: refused, naming the fix (never a generic tokenizer giving other ids)

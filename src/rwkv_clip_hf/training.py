@@ -15,7 +15,8 @@
   rows that share that column's value are batched together (`GroupedRandomSampler`), e.g. hard negatives.
 * `NonFiniteTrainingCallback`: stops a diverging run (NaN / infinite gradients or weights) with
   `NonFiniteTrainingError` before its weights are saved; `RWKVCLIPTrainer` adds it by default.
-* `paper_training_arguments`: `TrainingArguments` with the paper's recipe as defaults.
+* `paper_training_arguments`: `TrainingArguments` with the paper's recipe as defaults (`paper_training_defaults`:
+  the same as a dict).
 * `accuracy_metric` / `compute_accuracy`: an `evaluate` accuracy for `compute_metrics`.
 
 `RWKVCLIPModel(..., return_loss=True)` alone gives the loss of its local batch, as transformers' CLIP does.
@@ -648,7 +649,12 @@ def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
     `RWKVCLIPTrainer(contrastive_micro_batches=K)`, not with `gradient_accumulation_steps` (which gives each
     micro-batch only its own negatives).
     """
-    defaults = dict(
+    return TrainingArguments(output_dir=output_dir, **{**paper_training_defaults(), **overrides})
+
+
+def paper_training_defaults() -> dict:
+    """The fields `paper_training_arguments` sets, as a dict (e.g. for a script's `parser.set_defaults`)."""
+    return dict(
         learning_rate=1e-3,
         adam_beta1=0.9,
         adam_beta2=0.98,
@@ -661,8 +667,6 @@ def paper_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
         remove_unused_columns=False,
         report_to="none",
     )
-    defaults.update(overrides)
-    return TrainingArguments(output_dir=output_dir, **defaults)
 
 
 def _bf16_available() -> bool:
@@ -741,4 +745,5 @@ __all__ = [
     "gather_features",
     "machine_training_defaults",
     "paper_training_arguments",
+    "paper_training_defaults",
 ]

@@ -50,7 +50,7 @@ def saved(tmp_path_factory):
     return {k: str(v) for k, v in paths.items()}
 
 
-def test_cli_end_to_end(saved, tmp_path, capsys):
+def test_cli_end_to_end(saved, tmp_path, capsys, caplog):
     output = tmp_path / "out"
     argv = [
         "--dataset", saved["data"], "--text-column", "alt_text", "--output", str(output),
@@ -67,8 +67,11 @@ def test_cli_end_to_end(saved, tmp_path, capsys):
     assert result["raw_text"][1] == "" and all(isinstance(c, str) for c in result["synthetic_caption"])
     assert all(len(t) == 2 and set(t) <= {"circle", "square", "star"} for t in result["tags"])
     assert all(isinstance(d, str) for d in result["generated_description"])
-    # The same command again is refused; with --resume it finds the run complete.
-    assert main(argv) == 2
+    # The same command again is refused, in the command line's words; with --resume it finds the run complete.
+    assert error_of(argv, caplog) == (
+        f"--output {output} holds an earlier run: pass --resume to continue it (same configuration) or --overwrite "
+        "to start over"
+    )
     assert len(run(argv + ["--resume"])) == 5
 
 
@@ -107,7 +110,7 @@ def test_cli_error_messages(saved, tmp_path, caplog):
         and "image columns of this dataset: none" in message
     )
     message = error_of(base + ["--merger", saved["plain_lm"], "--text-column", "alt_text"], caplog)
-    assert "has no chat template" in message and "--chat-template FILE" in message
+    assert "has no chat template" in message and "give a Jinja template as --chat-template" in message
     assert not (tmp_path / "out").exists()  # refused before anything was written
     assert error_of(base + ["--tag-vocabulary", saved["tags"], "--merger", saved["merger"]], caplog) == (
         "--tag-vocabulary needs --tagger"

@@ -213,7 +213,7 @@ def test_resume_after_an_interruption_redoes_no_finished_row(models, data, finis
     assert counts == {"caption": 6, "merge": 6}
     (output / "shards" / ".tmp-00002-of-00003-999").mkdir()  # a save killed half-way
 
-    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+    with pytest.raises(ValueError, match="pass `resume=True`.*or `overwrite=True`"):
         pipeline(models).run(data, output)
     fail_after["rows"] = 10**9
     result = pipeline(models).run(data, output, resume=True)
@@ -230,7 +230,7 @@ def test_changed_configuration_or_input_is_refused(models, data, finished, tmp_p
     with pytest.raises(ValueError) as error:
         pipeline(models, tagger="no_tags", shard_size=4).run(data.select(range(4)), output, resume=True)
     assert "pipeline.steps.tags.threshold: was 0.15, now 0.999" in str(error.value)
-    assert "--overwrite" in str(error.value)
+    assert "pass `overwrite=True` to start over" in str(error.value)
     with pytest.raises(ValueError, match="input.num_rows: was 4, now 5"):
         pipeline(models, shard_size=4).run(data.select(range(5)), output, resume=True)
     with pytest.raises(ValueError, match="pipeline.shard_size: was 4, now 3"):
@@ -322,7 +322,7 @@ def test_select_tags_and_label_cleaning():
 def test_merger_prompt_handling(models):
     tokenizer = word_tokenizer(chat_template=None)
     merger = DescriptionMerger(models["merger"].model, tokenizer)
-    with pytest.raises(ValueError, match="has no chat template.*--chat-template"):
+    with pytest.raises(ValueError, match="has no chat template.*as `chat_template`"):
         merger.load()
     # A template that rejects the system role: the system message goes into the user turn.
     folded = DescriptionMerger(
@@ -360,7 +360,7 @@ def test_device_and_dtype_options(data):
     assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     assert torch_dtype("auto", "cpu") is torch.float32 and torch_dtype("auto", "cuda") == "auto"
     assert torch_dtype("bfloat16", "cpu") is torch.bfloat16
-    with pytest.raises(ValueError, match="--dtype 'half'"):
+    with pytest.raises(ValueError, match="`dtype` 'half'"):
         torch_dtype("half", "cpu")
     model, image_processor, tokenizer = tiny_captioner()
     captioner = Captioner(

@@ -260,6 +260,18 @@ def test_errors_name_the_column_and_exit_2(rwkv_dir, data_dir, tmp_path, caplog)
     assert "same rows" in caplog.text
 
 
+def test_library_argument_names_become_the_command_lines_flags():
+    from rwkv_clip_hf.evaluation.cli import build_parser, cli_message, parser_flags
+
+    flags = parser_flags(build_parser())
+    assert flags["label_column"] == "--label-column" and flags["val_fraction"] == "--val-fraction"
+    assert flags["trust_remote_code"] == "--trust-remote-code" and "help" not in flags
+    message = "`label_column` 'x' is not a ClassLabel; pass `classnames`, `unknown_name` or `overwrite=True`"
+    assert cli_message(message, {**flags, "overwrite": "--overwrite"}) == (
+        "--label-column 'x' is not a ClassLabel; pass --classnames, `unknown_name` or --overwrite"
+    )
+
+
 def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path):
     import sys
 

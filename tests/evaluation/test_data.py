@@ -55,7 +55,7 @@ def test_parquet_file_with_image_paths_and_filter(tmp_path):
     )
     assert [int(np.asarray(to_pil(v))[0, 0, 0]) for v in data.dataset["file"]] == [10, 12]
     with pytest.raises(
-        ValueError, match=r"--filter 'split=test': no such column 'split'.*\['file', 'caption', 'part'\]"
+        ValueError, match=r"`filters` entry 'split=test': no such column 'split'.*\['file', 'caption', 'part'\]"
     ):
         load_eval_dataset(str(tmp_path / "data.parquet"), None, filters=["split=test"], cache_dir=str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="no row"):
@@ -74,7 +74,7 @@ def test_max_samples_is_a_seeded_subset_in_order(tmp_path):
 def test_missing_path_and_bad_labels(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         load_eval_dataset(str(tmp_path / "no-such-dir"), "test")
-    with pytest.raises(ValueError, match=r"--label-column 'label' must hold integer class ids"):
+    with pytest.raises(ValueError, match=r"`label_column` 'label' must hold integer class ids"):
         labels_as_ints(Dataset.from_dict({"label": ["cat", "dog"]}), "label")
     with pytest.raises(ValueError, match="negative"):
         labels_as_ints(Dataset.from_dict({"label": [0, -1]}), "label")
@@ -86,5 +86,5 @@ def test_hub_style_dataset_dict_needs_a_split(tmp_path):
     DatasetDict({"train": Dataset.from_dict({"a": [1]}), "test": Dataset.from_dict({"a": [2]})}).save_to_disk(
         str(tmp_path / "dd")
     )
-    with pytest.raises(ValueError, match=r"has splits \['train', 'test'\]; choose one with --split"):
+    with pytest.raises(ValueError, match=r"has splits \['train', 'test'\]; choose one with `split`"):
         load_eval_dataset(str(tmp_path / "dd"), None)

@@ -79,5 +79,5 @@ def test_validation_split_is_stratified_and_seeded():
     assert np.bincount(labels[val]).tolist() == [2, 2, 1, 1]
     again = split_validation(labels, 0.2, seed=0)
     assert np.array_equal(val, again[1])
-    with pytest.raises(ValueError, match="--val-fraction"):
+    with pytest.raises(ValueError, match="`val_fraction`"):
         split_validation(labels, 1.5, seed=0)

@@ -100,7 +100,7 @@ def test_single_caption_column_and_bad_rows(tmp_path):
 
     texts, owner = captions_per_image(Dataset.from_dict({"caption": ["a", "b"]}), "caption")
     assert texts == ["a", "b"] and owner.tolist() == [0, 1]
-    with pytest.raises(ValueError, match=r"--caption-column 'caption': row 1"):
+    with pytest.raises(ValueError, match=r"`caption_column` 'caption': row 1"):
         captions_per_image(Dataset.from_dict({"caption": [["a"], []]}), "caption")
-    with pytest.raises(ValueError, match=r"--caption-column 'text': no such column"):
+    with pytest.raises(ValueError, match=r"`caption_column` 'text': no such column"):
         captions_per_image(Dataset.from_dict({"caption": ["a"]}), "text")

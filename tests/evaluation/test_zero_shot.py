@@ -171,7 +171,7 @@ def test_class_count_mismatch_names_the_column(tmp_path):
 def test_missing_label_column_is_named(tmp_path):
     path = save_classification_dataset(tmp_path / "d", LABELS, CLASSNAMES)
     extractor, _ = stub_extractor(tmp_path)
-    with pytest.raises(ValueError, match=r"--label-column 'fine_label'.*\[test\].*\['image', 'label'\]"):
+    with pytest.raises(ValueError, match=r"`label_column` 'fine_label'.*\[test\].*\['image', 'label'\]"):
         evaluate_zero_shot(extractor, load_eval_dataset(path, "test"), label_column="fine_label", templates=TEMPLATES)
 
 

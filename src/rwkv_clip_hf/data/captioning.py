@@ -62,9 +62,7 @@ class Captioner(ModelStage):
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(self.source, **self.pretrained_kwargs())
         except ValueError as error:  # "Unrecognized configuration class ..."
-            raise ValueError(
-                f"--captioner {self.source}: cannot be loaded as an image-to-text model ({error})"
-            ) from None
+            raise ValueError(f"`model` {self.source}: cannot be loaded as an image-to-text model ({error})") from None
         self._complete_instance()
 
     def _complete_instance(self) -> None:

@@ -187,7 +187,7 @@ def build_pipeline(args):
 def _load_models(pipeline, args) -> None:
     """Load every model now, before the output directory is claimed: a model that cannot be loaded (a wrong
     name, a bad --device) is then a one-line error and leaves no run behind that would need --overwrite."""
-    from ..evaluation.cli import model_load_error
+    from ..evaluation.cli import cli_message, model_load_error
 
     for option, stage in (("--captioner", pipeline.captioner), ("--tagger", pipeline.tagger),
                           ("--merger", pipeline.merger)):  # fmt: skip
@@ -196,8 +196,8 @@ def _load_models(pipeline, args) -> None:
         try:
             stage.load()
         except ValueError as error:
-            if str(error).startswith("--"):  # already names the option
-                raise
+            if str(error).startswith("`model`"):  # already names the model: as this stage's option
+                raise ValueError(cli_message(str(error), {"model": option})) from None
             raise model_load_error(option, stage.source or type(stage.model).__name__, error) from None
         except (OSError, RuntimeError) as error:  # missing files, unknown Hub repository, offline, device errors
             raise model_load_error(option, stage.source or type(stage.model).__name__, error) from None
@@ -264,9 +264,11 @@ def run(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `rwkv-clip-data`; returns the exit status."""
-    from ..evaluation.cli import console_entry
+    from ..evaluation.cli import console_entry, parser_flags
 
-    return console_entry(run, argv, logger_name="rwkv_clip_hf.data")
+    # the library's names of what the command line calls otherwise
+    renamed = {"top_k": "--tag-top-k", "output_dir": "--output", "columns.raw_text": "--raw-text-column"}
+    return console_entry(run, argv, logger_name="rwkv_clip_hf.data", flags={**parser_flags(build_parser()), **renamed})
 
 
 if __name__ == "__main__":

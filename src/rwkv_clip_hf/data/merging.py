@@ -56,7 +56,7 @@ class DescriptionMerger(ModelStage):
     ):
         super().__init__(model, **stage_kwargs)
         if max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
         self.tokenizer = tokenizer
         self.prompt = prompt or MergePrompt()
         self.max_new_tokens = max_new_tokens

@@ -91,7 +91,7 @@ class DescriptionPipeline:
         keep_shards: bool = False,
     ):
         if captioner is None and tagger is None and merger is None:
-            raise ValueError("nothing to do: give a captioner, a tagger or a merger (--captioner, --tagger, --merger)")
+            raise ValueError("nothing to do: give a captioner, a tagger or a merger (`captioner`, `tagger`, `merger`)")
         if batch_size < 1 or shard_size < 1:
             raise ValueError(f"batch size ({batch_size}) and shard size ({shard_size}) must be positive")
         self.captioner, self.tagger, self.merger = captioner, tagger, merger
@@ -132,9 +132,9 @@ class DescriptionPipeline:
         columns = dataset.column_names
         needed = []
         if self.captioner is not None or self.tagger is not None:
-            needed.append(("--image-column", self.image_column))
+            needed.append(("`image_column`", self.image_column))
         if self.text_column is not None:
-            needed.append(("--text-column", self.text_column))
+            needed.append(("`text_column`", self.text_column))
         missing = [f"{option} {name!r}" for option, name in needed if name not in columns]
         if missing:
             raise ValueError(f"no such column: {', '.join(missing)}; the dataset's columns are {columns}")
@@ -143,17 +143,17 @@ class DescriptionPipeline:
             if not _is_image_feature(feature):
                 images = [c for c, f in dataset.features.items() if isinstance(f, datasets.Image)]
                 raise ValueError(
-                    f"--image-column {self.image_column!r} holds {_describe(feature)}, not images (a datasets.Image "
+                    f"`image_column` {self.image_column!r} holds {_describe(feature)}, not images (a datasets.Image "
                     f"column, or strings with paths / URLs); image columns of this dataset: {images or 'none'}"
                 )
         if self.text_column is not None:
             feature = dataset.features[self.text_column]
             if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
-                raise ValueError(f"--text-column {self.text_column!r} holds {_describe(feature)}, not strings")
+                raise ValueError(f"`text_column` {self.text_column!r} holds {_describe(feature)}, not strings")
             if self.text_column != self.columns.raw_text and self.columns.raw_text in columns:
                 raise ValueError(
                     f"the raw-text column {self.text_column!r} would be renamed to {self.columns.raw_text!r}, which "
-                    "the dataset has already: choose another output name (--raw-text-column)"
+                    "the dataset has already: choose another output name (`columns.raw_text`)"
                 )
         if self.merger is not None and self.captioner is None and self.tagger is None:
             has_inputs = self.text_column is not None or any(
@@ -261,7 +261,7 @@ class DescriptionPipeline:
         import datasets
 
         if resume and overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
+            raise ValueError("`resume` and `overwrite` exclude each other")
         self.validate(dataset)
         if len(dataset) == 0:
             raise ValueError("the dataset has no rows")
@@ -314,15 +314,15 @@ class DescriptionPipeline:
     def _claim_output(self, output: Path, expected: dict, resume: bool, overwrite: bool) -> None:
         manifest_path = output / MANIFEST
         if output.exists() and not output.is_dir():
-            raise ValueError(f"--output {output} is a file, not a directory")
+            raise ValueError(f"`output_dir` {output} is a file, not a directory")
         if output.is_dir() and any(output.iterdir()):
             if not manifest_path.is_file():
                 raise ValueError(
-                    f"--output {output} exists, is not empty and holds no {MANIFEST}: it is not an output of this "
+                    f"`output_dir` {output} exists, is not empty and holds no {MANIFEST}: it is not an output of this "
                     "pipeline; choose another directory"
                 )
             if overwrite:
-                logger.info("--overwrite: removing the earlier run in %s", output)
+                logger.info("overwrite: removing the earlier run in %s", output)
                 for entry in (FINAL, SHARDS, MANIFEST):
                     _remove(output / entry)
                 _remove_temporaries(output)
@@ -330,23 +330,23 @@ class DescriptionPipeline:
                 saved = json.loads(manifest_path.read_text())
                 if saved.get("format") != MANIFEST_FORMAT:
                     raise ValueError(
-                        f"--output {output} was written by another version of this pipeline "
-                        f"(manifest format {saved.get('format')}); pass --overwrite to start over"
+                        f"`output_dir` {output} was written by another version of this pipeline "
+                        f"(manifest format {saved.get('format')}); pass `overwrite=True` to start over"
                     )
                 differences = _differences(saved.get("config", {}), expected)
                 if differences:
                     raise ValueError(
-                        f"--output {output} holds a run with a different configuration or input, so its shards "
+                        f"`output_dir` {output} holds a run with a different configuration or input, so its shards "
                         "cannot be reused:\n  "
                         + "\n  ".join(differences[:20])
                         + ("\n  ..." if len(differences) > 20 else "")
-                        + "\npass --overwrite to start over, or choose another --output"
+                        + "\npass `overwrite=True` to start over, or choose another `output_dir`"
                     )
                 return
             else:
                 raise ValueError(
-                    f"--output {output} holds an earlier run: pass --resume to continue it (same configuration) "
-                    "or --overwrite to start over"
+                    f"`output_dir` {output} holds an earlier run: pass `resume=True` to continue it (same "
+                    "configuration) or `overwrite=True` to start over"
                 )
         output.mkdir(parents=True, exist_ok=True)
         _write_json_atomically(

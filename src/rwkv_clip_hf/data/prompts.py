@@ -107,7 +107,7 @@ class MergePrompt:
         default system message is kept)."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {path}: no such file")
+            raise FileNotFoundError(f"prompt file {path}: no such file")
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() != ".json":
             return cls(template=text.strip())
@@ -115,7 +115,7 @@ class MergePrompt:
         known = {f.name for f in fields(cls)}
         if not isinstance(loaded, dict) or set(loaded) - known:
             raise ValueError(
-                f"--prompt-file {path}: expected a JSON object with keys among {sorted(known)}"
+                f"prompt file {path}: expected a JSON object with keys among {sorted(known)}"
                 + (f"; unknown: {sorted(set(loaded) - known)}" if isinstance(loaded, dict) else "")
             )
         return cls(**loaded)
@@ -162,8 +162,8 @@ def render_chat(tokenizer, conversations: list[list[dict]], add_generation_promp
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat "
-            "template: use an instruction-tuned (chat) model, or give a template (Jinja) with --chat-template FILE "
-            "(Python: `DescriptionMerger(..., chat_template=...)` or `tokenizer.chat_template = ...`)"
+            "template: use an instruction-tuned (chat) model, or give a Jinja template as `chat_template` "
+            "(`DescriptionMerger(..., chat_template=...)`, or `tokenizer.chat_template = ...`)"
         )
     try:
         return [

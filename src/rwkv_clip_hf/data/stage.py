@@ -25,7 +25,7 @@ def torch_dtype(dtype: str | torch.dtype | None, device: str):
     if dtype in (None, "auto"):
         return "auto" if torch.device(device).type != "cpu" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
+        raise ValueError(f"`dtype` {dtype!r}: choose auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 

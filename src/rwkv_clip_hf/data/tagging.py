@@ -35,7 +35,7 @@ def select_tags(
 
 def _check_limits(threshold, top_k) -> None:
     if top_k is not None and top_k < 1:
-        raise ValueError(f"--tag-top-k must be at least 1, got {top_k}")
+        raise ValueError(f"`top_k` must be at least 1, got {top_k}")
     if threshold is None and top_k is None:
         raise ValueError("give a tag threshold, a top-k, or both (with neither, every label would be a tag)")
 
@@ -103,8 +103,8 @@ class ClassifierTagger(ModelStage):
             self.model = AutoModelForImageClassification.from_pretrained(self.source, **self.pretrained_kwargs())
         except ValueError as error:  # "Unrecognized configuration class ..."
             raise ValueError(
-                f"--tagger {self.source}: cannot be loaded as an image classifier ({error}); for a CLIP-style model "
-                "give a tag list with --tag-vocabulary"
+                f"`model` {self.source}: cannot be loaded as an image classifier ({error}); for a CLIP-style model "
+                "give a tag list (`ZeroShotTagger(model, vocabulary=...)`)"
             ) from None
         self._complete_instance()
 
@@ -224,7 +224,7 @@ class ZeroShotTagger(ModelStage):
             if not hasattr(self.model, method):
                 raise ValueError(
                     f"ZeroShotTagger: {type(self.model).__name__} has no {method}(); a tag vocabulary needs a "
-                    "CLIP-style dual encoder (without --tag-vocabulary, --tagger takes an image classifier)"
+                    "CLIP-style dual encoder (an image classifier is a `ClassifierTagger`)"
                 )
         device, _ = model_device_dtype(self.model)
         prompts = [self.template.format(tag) for tag in self.vocabulary]

@@ -301,24 +301,69 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `rwkv-clip-eval`; returns the exit status."""
-    return console_entry(run, argv)
+    return console_entry(run, argv, flags={**parser_flags(build_parser()), "filters": "--filter"})
 
 
-def console_entry(run_fn, argv: list[str] | None = None, logger_name: str = "rwkv_clip_hf.evaluation") -> int:
+def parser_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination -> its long flag (e.g. "label_column" -> "--label-column"), sub-commands too."""
+    flags = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                flags.update(parser_flags(subparser))
+        elif action.option_strings and action.dest != "help":
+            flags[action.dest] = max(action.option_strings, key=len)
+    return flags
+
+
+def cli_message(message: str, flags: dict[str, str]) -> str:
+    """A library message for a command-line user: the library names its arguments in backticks (`label_column`,
+    `overwrite=True` for a switch); those in `flags` (argument -> flag) become the command line's flags."""
+    return re.sub(r"`([A-Za-z_][\w.]*)(?:=True)?`", lambda match: flags.get(match.group(1), match.group(0)), message)
+
+
+class _FlagNames(logging.Filter):
+    """Rewrites the package's log messages with `cli_message` (attached to the handlers while a CLI runs)."""
+
+    def __init__(self, flags: dict[str, str]):
+        super().__init__()
+        self.flags = flags
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("rwkv_clip_hf") and "`" in str(record.msg):
+            record.msg, record.args = cli_message(record.getMessage(), self.flags), None
+        return True
+
+
+def console_entry(
+    run_fn,
+    argv: list[str] | None = None,
+    logger_name: str = "rwkv_clip_hf.evaluation",
+    flags: dict[str, str] | None = None,
+) -> int:
     """Runs a CLI's `run(argv)` with INFO logging; a `ValueError` or `OSError` (a missing or unwritable file, a
-    full disk) is logged under `logger_name` as one error line and exit status 2 instead of a traceback."""
+    full disk) is logged under `logger_name` as one error line and exit status 2 instead of a traceback. The
+    library's argument names in messages and log lines are given as the CLI's `flags` (`cli_message`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rwkv_clip_hf").setLevel(logging.INFO)
+    flags = flags or {}
+    handlers = list(logging.getLogger().handlers)
+    translate = _FlagNames(flags)
+    for handler in handlers:
+        handler.addFilter(translate)
     try:
         run_fn(argv)
     except ValueError as error:
-        logging.getLogger(logger_name).error("%s", error)
+        logging.getLogger(logger_name).error("%s", cli_message(str(error), flags))
         return 2
     except OSError as error:
         detail = f"{error.strerror} ({error.filename})" if error.strerror and error.filename else str(error)
-        logging.getLogger(logger_name).error("%s", detail or type(error).__name__)
+        logging.getLogger(logger_name).error("%s", cli_message(detail, flags) or type(error).__name__)
         return 2
+    finally:
+        for handler in handlers:
+            handler.removeFilter(translate)
     return 0
 
 

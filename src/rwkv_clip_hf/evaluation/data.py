@@ -13,7 +13,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-# File extensions `datasets` has a packaged builder for, used when --dataset is a single local file.
+# File extensions `datasets` has a packaged builder for, used when `dataset` is a single local file.
 _BUILDER_BY_SUFFIX = {
     ".parquet": "parquet",
     ".csv": "csv",
@@ -67,8 +67,6 @@ def load_eval_dataset(
     filters: list[str] | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
-    dataset_option: str = "--dataset",
-    split_option: str = "--split",
 ) -> EvalData:
     """Load one split of a dataset given by Hub id or local path.
 
@@ -86,8 +84,6 @@ def load_eval_dataset(
             `split=test` for Flickr30k dumps that store the Karpathy split in a column).
         seed: the seed of the `max_samples` draw.
         cache_dir: the `datasets` cache directory (default: the `datasets` default).
-        dataset_option, split_option: how the caller's command line names `dataset` and `split`, for the
-            error messages (the training examples: `--dataset_name`, `--train_split`).
 
     Returns:
         An `EvalData`.
@@ -99,7 +95,7 @@ def load_eval_dataset(
     if _is_saved_to_disk(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            loaded = _pick_split(loaded, split, dataset, dataset_option, split_option)
+            loaded = _pick_split(loaded, split, dataset)
         else:
             source["split"] = None
     else:
@@ -108,7 +104,7 @@ def load_eval_dataset(
             builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
             if builder is None:
                 raise ValueError(
-                    f"{dataset_option} {dataset}: cannot tell the format of this file; give a parquet, csv, "
+                    f"`dataset` {dataset}: cannot tell the format of this file; give a parquet, csv, "
                     "json(l) or arrow file, a directory, or a Hub dataset id"
                 )
             loaded = datasets.load_dataset(builder, data_files={"data": str(path)}, **kwargs)
@@ -117,28 +113,31 @@ def load_eval_dataset(
             source["split"] = None
         else:
             if not path.exists() and dataset.startswith((".", "/", "~")):
-                raise FileNotFoundError(f"{dataset_option} {dataset}: no such file or directory")
+                raise FileNotFoundError(f"`dataset` {dataset}: no such file or directory")
             loaded = datasets.load_dataset(dataset, config_name, revision=revision, **kwargs)
             if isinstance(loaded, datasets.DatasetDict):
-                loaded = _pick_split(loaded, split, dataset, dataset_option, split_option)
+                loaded = _pick_split(loaded, split, dataset)
 
     for spec in filters or []:
         column, sep, value = spec.partition("=")
         if not sep:
-            raise ValueError(f"--filter {spec!r}: expected COLUMN=VALUE")
+            raise ValueError(f"`filters` entry {spec!r}: expected COLUMN=VALUE")
         if column not in loaded.column_names:
             raise ValueError(
-                f"--filter {spec!r}: no such column {column!r} in {dataset}; available columns: {loaded.column_names}"
+                f"`filters` entry {spec!r}: no such column {column!r} in {dataset}; available columns: "
+                f"{loaded.column_names}"
             )
         keep = [i for i, v in enumerate(loaded[column]) if str(v) == value]
         if not keep:
-            raise ValueError(f"--filter {spec!r}: no row of {dataset} [{source['split']}] has {column} == {value!r}")
+            raise ValueError(
+                f"`filters` entry {spec!r}: no row of {dataset} [{source['split']}] has {column} == {value!r}"
+            )
         loaded = loaded.select(keep)
     source["filters"] = list(filters or [])
 
     if max_samples is not None and max_samples < len(loaded):
         if max_samples <= 0:
-            raise ValueError(f"--max-samples must be positive, got {max_samples}")
+            raise ValueError(f"`max_samples` must be positive, got {max_samples}")
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(len(loaded), size=max_samples, replace=False))
         loaded = loaded.select(keep.tolist())
@@ -150,22 +149,22 @@ def load_eval_dataset(
     return EvalData(dataset=loaded, source=source)
 
 
-def _pick_split(splits, split: str | None, name: str, dataset_option="--dataset", split_option="--split"):
+def _pick_split(splits, split: str | None, name: str):
     available = list(splits.keys())
     if split is None:
         if len(available) == 1:
             return splits[available[0]]
-        raise ValueError(f"{dataset_option} {name} has splits {available}; choose one with {split_option}")
+        raise ValueError(f"`dataset` {name} has splits {available}; choose one with `split`")
     if split not in splits:
         raise ValueError(
-            f"{dataset_option} {name} has no split {split!r}; available splits: {available} "
-            f"(choose with {split_option})"
+            f"`dataset` {name} has no split {split!r}; available splits: {available} (choose with `split`)"
         )
     return splits[split]
 
 
 def require_column(dataset, column: str, option: str, source: dict | None = None) -> None:
-    """Raise a `ValueError` naming the column, the option, the split and the available columns if missing."""
+    """Raise a `ValueError` naming the column, the argument (`option`, e.g. "`label_column`"), the split and the
+    available columns if missing."""
     if column not in dataset.column_names:
         where = ""
         if source:
@@ -212,19 +211,19 @@ def class_names_from_features(dataset, label_column: str) -> list[str] | None:
 
 def labels_as_ints(dataset, label_column: str, source: dict | None = None) -> np.ndarray:
     """The label column as an int64 array; raises naming the column when it does not hold integers."""
-    require_column(dataset, label_column, "--label-column", source)
+    require_column(dataset, label_column, "`label_column`", source)
     values = dataset[label_column]
     try:
         labels = np.asarray(values, dtype=np.int64)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"--label-column {label_column!r} must hold integer class ids (a ClassLabel column), "
+            f"`label_column` {label_column!r} must hold integer class ids (a ClassLabel column), "
             f"got e.g. {values[0]!r}"
         ) from error
     if labels.ndim != 1:
-        raise ValueError(f"--label-column {label_column!r} must hold one integer per row")
+        raise ValueError(f"`label_column` {label_column!r} must hold one integer per row")
     if len(labels) and labels.min() < 0:
-        raise ValueError(f"--label-column {label_column!r} holds negative ids (unlabelled rows?); filter them out")
+        raise ValueError(f"`label_column` {label_column!r} holds negative ids (unlabelled rows?); filter them out")
     return labels
 
 
@@ -234,13 +233,13 @@ def captions_per_image(dataset, caption_column: str, source: dict | None = None)
     Returns:
         `(texts, text_to_image)`: all captions in row order, and for each caption the row index of its image.
     """
-    require_column(dataset, caption_column, "--caption-column", source)
+    require_column(dataset, caption_column, "`caption_column`", source)
     texts, owners = [], []
     for row, value in enumerate(dataset[caption_column]):
         captions = [value] if isinstance(value, str) else list(value or [])
         if not captions or not all(isinstance(c, str) for c in captions):
             raise ValueError(
-                f"--caption-column {caption_column!r}: row {row} must hold a caption or a non-empty list of captions, "
+                f"`caption_column` {caption_column!r}: row {row} must hold a caption or a non-empty list of captions, "
                 f"got {value!r}"
             )
         texts.extend(captions)

@@ -66,7 +66,7 @@ def load_model_and_processor(
     import rwkv_clip_hf  # noqa: F401  (registers RWKV-CLIP with the Auto classes)
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        raise ValueError(f"`dtype` {dtype!r}: choose one of {sorted(DTYPES)}")
     device = device or default_device()
     loaded = AutoModel.from_pretrained(
         model, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
@@ -74,7 +74,7 @@ def load_model_and_processor(
     for name in ("get_image_features", "get_text_features"):
         if not hasattr(loaded, name):
             raise ValueError(
-                f"--model {model}: {type(loaded).__name__} has no {name}(); a CLIP-style dual encoder is needed"
+                f"`model` {model}: {type(loaded).__name__} has no {name}(); a CLIP-style dual encoder is needed"
             )
     processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     return loaded.to(device).eval(), processor
@@ -287,7 +287,7 @@ class FeatureExtractor:
 
     def image_features(self, data: EvalData, image_column: str) -> torch.Tensor:
         """Image features `(len(data), dim)` of `data`'s image column, from the cache when possible."""
-        require_column(data.dataset, image_column, "--image-column", data.source)
+        require_column(data.dataset, image_column, "`image_column`", data.source)
         key = {
             "kind": "image",
             "model": self.model_key,
@@ -310,7 +310,7 @@ class FeatureExtractor:
                         to_pil(column[row][image_column], image_column).load()
                     except (OSError, ValueError, TypeError, SyntaxError) as error:
                         raise ValueError(
-                            f"--image-column {image_column!r}: row {row} of {data.describe()} is not a readable "
+                            f"`image_column` {image_column!r}: row {row} of {data.describe()} is not a readable "
                             f"image ({type(error).__name__}: {error})"
                         ) from None
                 raise

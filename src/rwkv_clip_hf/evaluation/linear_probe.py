@@ -43,7 +43,7 @@ def _fit(train_x, train_y, c: float, max_iter: int, seed: int):
         classifier.fit(train_x, train_y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         logger.warning(
-            "logistic regression with C=%g did not converge in %d iterations (raise --max-iter)", c, max_iter
+            "logistic regression with C=%g did not converge in %d iterations (raise `max_iter`)", c, max_iter
         )
     return classifier
 
@@ -64,7 +64,7 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
+        raise ValueError(f"`val_fraction` must be in (0, 1), got {fraction}")
     indices = np.arange(len(labels))
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
@@ -105,7 +105,7 @@ def select_c(
     if c_values is not None:
         for c in c_values:
             if c <= 0:
-                raise ValueError(f"--c-values must be positive, got {c}")
+                raise ValueError(f"`c_values` must be positive, got {c}")
             accuracy(float(np.log10(c)))
         return best(), tried
     for log10_c in COARSE_LOG10_C:

@@ -258,7 +258,7 @@ def evaluate_zero_shot(
         resolved = resolve_benchmark(benchmark)
         if resolved is None:
             logger.warning(
-                "benchmark %r is not bundled; give --classnames/--templates or rely on the dataset", benchmark
+                "benchmark %r is not bundled; give `classnames` / `templates` or rely on the dataset", benchmark
             )
         benchmark = resolved or benchmark
     labels = labels_as_ints(data.dataset, label_column, data.source)
@@ -271,14 +271,14 @@ def evaluate_zero_shot(
         classnames_source = "dataset ClassLabel"
     if classnames is None:
         raise ValueError(
-            f"no class names for {data.describe()}: --label-column {label_column!r} is not a ClassLabel and no "
-            "bundled list matches; pass --classnames (a JSON/text file or the names) or --benchmark"
+            f"no class names for {data.describe()}: `label_column` {label_column!r} is not a ClassLabel and no "
+            "bundled list matches; pass `classnames` or `benchmark`"
         )
     dataset_names = class_names_from_features(data.dataset, label_column)
     if dataset_names is not None and len(dataset_names) != len(classnames):
         raise ValueError(
-            f"{len(classnames)} class names ({classnames_source}) but --label-column {label_column!r} of "
-            f"{data.describe()} has {len(dataset_names)} classes; pass matching --classnames or --benchmark"
+            f"{len(classnames)} class names ({classnames_source}) but `label_column` {label_column!r} of "
+            f"{data.describe()} has {len(dataset_names)} classes; pass matching `classnames` or `benchmark`"
         )
     if dataset_names is not None and classnames_source.startswith("bundled"):
         aligned = align_to_label_order(classnames, dataset_names)
@@ -287,7 +287,7 @@ def evaluate_zero_shot(
             classnames, classnames_source = aligned, classnames_source + " (reordered to the labels)"
     if labels.max() >= len(classnames):
         raise ValueError(
-            f"--label-column {label_column!r} of {data.describe()} holds label {labels.max()} but there are only "
+            f"`label_column` {label_column!r} of {data.describe()} holds label {labels.max()} but there are only "
             f"{len(classnames)} class names ({classnames_source})"
         )
     if templates is None:
@@ -307,7 +307,7 @@ def evaluate_zero_shot(
     if metric == "auto":
         metric = "mean_per_class" if uses_mean_per_class(benchmark) else "top1"
     if metric not in ("top1", "mean_per_class"):
-        raise ValueError(f"--metric {metric!r}: choose auto, top1 or mean_per_class")
+        raise ValueError(f"`metric` {metric!r}: choose auto, top1 or mean_per_class")
 
     image_features = extractor.image_features(data, image_column)
     weights = build_classifier(extractor.text_features, classnames, templates)
