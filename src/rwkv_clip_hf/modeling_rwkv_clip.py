@@ -189,7 +189,7 @@ class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(config.intermediate_size, dim, bias=False)
         # without autograd, inputs of more rows (batch x tokens) than this run in equal chunks of at most as many
-        self.max_chunk_rows = 2048
+        self.max_chunk_rows = 1024
 
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         maa = torch.stack((self.time_maa_k, self.time_maa_r))
@@ -506,7 +506,10 @@ class RWKVCLIPTextModel(RWKVCLIPPreTrainedModel):
             `(batch, seq_len, hidden)` (after the final LayerNorm) at the input positions: the tower runs on the
             normalised `max_position_embeddings`-token layout, and each input token gets the state its token had
             there (padding tokens the states of the layout's padding, in order; tokens cut off beyond the context
-            zeros). `hidden_states` (`output_hidden_states=True`) are read back the same way.
+            zeros). `hidden_states` (`output_hidden_states=True`) are read back the same way. These returned
+            states are copies (gathered from the layout the tower ran on): gradients reach the weights through
+            `pooler_output` and `last_hidden_state`, but `retain_grad()` on an entry of `hidden_states` sees none,
+            because the rest of the forward used the layout's states, not the copies.
         """
         if input_ids is None:
             raise ValueError("You have to specify input_ids")

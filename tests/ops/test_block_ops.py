@@ -282,3 +282,21 @@ def test_compile_traces_the_composition(built):
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     assert rel_err(compiled(x, maa), fn(x, maa).double()) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1024])
+def test_channel_mix_row_chunks_without_autograd(chunk_rows):
+    """Without autograd the channel mix runs long inputs in chunks of rows: the same values as the unchunked
+    autograd path and the float64 model."""
+    model, reference = _models()
+    reference.set_kernel_backend("torch")
+    for module in model.modules():
+        if hasattr(module, "max_chunk_rows"):
+            module.max_chunk_rows = chunk_rows
+    pixel_values = torch.randn(3, 3, 40, 32)  # 3 x 20 = 60 rows per channel mix
+    with torch.no_grad():
+        chunked = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        expected = reference.vision_model(pixel_values=pixel_values.double()).last_hidden_state
+    plain = model.vision_model(pixel_values=pixel_values).last_hidden_state.detach()
+    assert rel_err(chunked, plain.double()) <= 1e-6
+    assert rel_err(chunked, expected) <= 1e-5
