@@ -112,7 +112,11 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         key = self.key(mixed(1)).view(heads)
         value = self.value(mixed(2)).view(heads)
         gate = F.silu(self.gate(mixed(4)), inplace=in_place)
-        log_decay_rate = self.time_decay + torch.tanh(mixed(0) @ self.time_decay_w1) @ self.time_decay_w2
+        decay_lora = torch.tanh(mixed(0) @ self.time_decay_w1)
+        if torch.is_autocast_enabled(x.device.type):
+            log_decay_rate = self.time_decay + decay_lora @ self.time_decay_w2  # the sum in float32
+        else:  # time_decay enters the GEMM as its C matrix
+            log_decay_rate = torch.addmm(self.time_decay, decay_lora.flatten(0, 1), self.time_decay_w2)
         del delta, mixed
 
         out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend)
