@@ -435,7 +435,7 @@ class RWKVCLIPPreTrainedModel(PreTrainedModel):
     def get_kernel_backend(self) -> str:
         """The backend set with `set_kernel_backend` (a model whose blocks were set one by one: the first one's)."""
         for module in self.modules():
-            if isinstance(module, RWKVCLIPTokenMix):
+            if isinstance(module, _ShiftMixin):
                 return module.kernel_backend
         return default_backend()
 
