@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace bi_wkv {
@@ -11,6 +12,13 @@ namespace bi_wkv {
 std::tuple<at::Tensor, at::Tensor> token_shift_mix_cpu(const at::Tensor& x, const at::Tensor& maa, int64_t grid_h,
                                                        int64_t grid_w, at::IntArrayRef offsets, int64_t head_size,
                                                        bool with_delta);
+
+// the gradients of x and maa from those of mixed and (when given) delta
+std::tuple<at::Tensor, at::Tensor> token_shift_mix_backward_cpu(const at::Tensor& grad_mixed,
+                                                                const std::optional<at::Tensor>& grad_delta,
+                                                                const at::Tensor& x, const at::Tensor& maa,
+                                                                int64_t grid_h, int64_t grid_w, at::IntArrayRef offsets,
+                                                                int64_t head_size);
 
 // GroupNorm(y) * gate over rows of y (rows, channels)
 at::Tensor group_norm_gate_cpu(const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,

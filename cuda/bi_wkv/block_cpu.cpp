@@ -5,6 +5,11 @@
 //   token_shift_mix: delta = shift(x) - x and mixed[j] = x + delta * maa[j]   (docs/architecture.md section 4)
 //       x (B, T, C) on a (grid_h, grid_w) token grid, T = grid_h * grid_w; each head's head_size channels split into
 //       G groups; group g reads the token at (row + dy_g, col + dx_g), zero outside the grid.
+//   token_shift_mix_backward: its gradients, from those of mixed (and of delta, when it was used): with
+//       gD = grad_delta + sum_j grad_mixed[j] * maa[j],
+//       grad_x = sum_j grad_mixed[j] - gD + shift^T(gD)   (shift^T: group g reads the token at (row - dy_g, col - dx_g))
+//       grad_maa[j] = sum over tokens of grad_mixed[j] * delta   (accumulated in double)
+//       One pass over the tokens: gD of the neighbour a token's group reads from is recomputed there.
 //   group_norm_gate: GroupNorm(y; groups, weight, bias, eps) * gate, row by row   (section 5)
 //
 // Rows are independent, so both run parallel over tokens with at::parallel_for; the inner loops run over
@@ -103,6 +108,143 @@ void token_shift_mix_kernel(const at::Tensor& x, const at::Tensor& maa, int64_t 
   });
 }
 
+// One token q of the backward. gmq[j] / gdq: grad_mixed[j] and grad_delta (or null) at q; src[g]: x at the token
+// group g of q reads from (null outside the grid); inv[g]: the token whose group g reads q (index into gm / gd at
+// the same strides, -1 outside the grid). acc (M, C): this task's grad_maa partial sums.
+template <class T>
+inline void shift_mix_backward_token(const T* __restrict xq, const T* const* src, const T* __restrict gm,
+                                     const T* __restrict gd, int64_t q, const int64_t* inv, int64_t C,
+                                     int64_t head_size, int64_t groups, const T* __restrict maa, int64_t M,
+                                     int64_t gm_stride, double* __restrict acc, T* __restrict gD, T* __restrict gx) {
+  const int64_t width = head_size / groups;
+  // gD at q, and grad_x = sum_j grad_mixed[j] - gD
+  if (gd) {
+    const T* g = gd + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gD[c] = g[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gD[c] = T(0);
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    const T* g = gm + j * gm_stride + q * C;
+    const T* m = maa + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gD[c] += g[c] * m[c];
+  }
+  {
+    const T* g = gm + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gx[c] = g[c] - gD[c];
+  }
+  for (int64_t j = 1; j < M; ++j) {
+    const T* g = gm + j * gm_stride + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) gx[c] += g[c];
+  }
+  // grad_maa partials: grad_mixed[j] * delta, with delta = shifted - x recomputed group by group
+  for (int64_t c0 = 0; c0 < C; c0 += head_size) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t begin = c0 + grp * width, end = begin + width;
+      const T* s = src[grp];
+      for (int64_t j = 0; j < M; ++j) {
+        const T* g = gm + j * gm_stride + q * C;
+        double* a = acc + j * C;
+        if (s) {
+#pragma omp simd
+          for (int64_t c = begin; c < end; ++c) a[c] += (double)(g[c] * (s[c] - xq[c]));
+        } else {
+#pragma omp simd
+          for (int64_t c = begin; c < end; ++c) a[c] += (double)(g[c] * (T(0) - xq[c]));
+        }
+      }
+      // shift^T: the token p reading q through group grp passes its gD back, recomputed at p
+      const int64_t p = inv[grp];
+      if (p < 0) continue;
+      if (gd) {
+        const T* g = gd + p * C;
+#pragma omp simd
+        for (int64_t c = begin; c < end; ++c) gx[c] += g[c];
+      }
+      for (int64_t j = 0; j < M; ++j) {
+        const T* g = gm + j * gm_stride + p * C;
+        const T* m = maa + j * C;
+#pragma omp simd
+        for (int64_t c = begin; c < end; ++c) gx[c] += g[c] * m[c];
+      }
+    }
+  }
+}
+
+BLOCK_CLONES void shift_mix_backward_f32(const float* xq, const float* const* src, const float* gm, const float* gd,
+                                         int64_t q, const int64_t* inv, int64_t C, int64_t head_size, int64_t groups,
+                                         const float* maa, int64_t M, int64_t gm_stride, double* acc, float* gD,
+                                         float* gx) {
+  shift_mix_backward_token(xq, src, gm, gd, q, inv, C, head_size, groups, maa, M, gm_stride, acc, gD, gx);
+}
+
+BLOCK_CLONES void shift_mix_backward_f64(const double* xq, const double* const* src, const double* gm,
+                                         const double* gd, int64_t q, const int64_t* inv, int64_t C,
+                                         int64_t head_size, int64_t groups, const double* maa, int64_t M,
+                                         int64_t gm_stride, double* acc, double* gD, double* gx) {
+  shift_mix_backward_token(xq, src, gm, gd, q, inv, C, head_size, groups, maa, M, gm_stride, acc, gD, gx);
+}
+
+inline void shift_mix_backward(const float* xq, const float* const* src, const float* gm, const float* gd, int64_t q,
+                               const int64_t* inv, int64_t C, int64_t head_size, int64_t groups, const float* maa,
+                               int64_t M, int64_t gm_stride, double* acc, float* gD, float* gx) {
+  shift_mix_backward_f32(xq, src, gm, gd, q, inv, C, head_size, groups, maa, M, gm_stride, acc, gD, gx);
+}
+inline void shift_mix_backward(const double* xq, const double* const* src, const double* gm, const double* gd,
+                               int64_t q, const int64_t* inv, int64_t C, int64_t head_size, int64_t groups,
+                               const double* maa, int64_t M, int64_t gm_stride, double* acc, double* gD,
+                               double* gx) {
+  shift_mix_backward_f64(xq, src, gm, gd, q, inv, C, head_size, groups, maa, M, gm_stride, acc, gD, gx);
+}
+
+template <class T>
+void token_shift_mix_backward_kernel(const at::Tensor& grad_mixed, const T* gd, const at::Tensor& x,
+                                     const at::Tensor& maa, int64_t grid_h, int64_t grid_w,
+                                     const std::vector<int64_t>& offsets, int64_t head_size, at::Tensor& grad_x,
+                                     at::Tensor& grad_maa) {
+  const int64_t B = x.size(0), T_ = x.size(1), C = x.size(2), M = maa.size(0);
+  const int64_t groups = (int64_t)offsets.size() / 2, rows = B * T_;
+  const T *xp = x.data_ptr<T>(), *mp = maa.data_ptr<T>(), *gm = grad_mixed.data_ptr<T>();
+  T* gxp = grad_x.data_ptr<T>();
+  // equal row ranges, one per thread at most, each with its own grad_maa partial sums, added in range order
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * (M + 1), 1));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / grain));
+  const int64_t per_task = (rows + tasks - 1) / tasks;
+  std::vector<double> partial((size_t)tasks * M * C, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<T> gD(C);
+    std::vector<const T*> src(groups);
+    std::vector<int64_t> inv(groups);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      double* acc = partial.data() + (size_t)task * M * C;
+      for (int64_t q = task * per_task; q < std::min(rows, (task + 1) * per_task); ++q) {
+        const int64_t b = q / T_, t = q % T_, row = t / grid_w, col = t % grid_w;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t dy = offsets[2 * g], dx = offsets[2 * g + 1];
+          const int64_t r2 = row + dy, c2 = col + dx;
+          src[g] = (r2 >= 0 && r2 < grid_h && c2 >= 0 && c2 < grid_w) ? xp + (b * T_ + r2 * grid_w + c2) * C
+                                                                        : nullptr;
+          const int64_t r3 = row - dy, c3 = col - dx;
+          inv[g] = (r3 >= 0 && r3 < grid_h && c3 >= 0 && c3 < grid_w) ? b * T_ + r3 * grid_w + c3 : -1;
+        }
+        shift_mix_backward(xp + q * C, src.data(), gm, gd, q, inv.data(), C, head_size, groups, mp, M, rows * C, acc,
+                           gD.data(), gxp + q * C);
+      }
+    }
+  });
+  T* gmaa = grad_maa.data_ptr<T>();
+  for (int64_t i = 0; i < M * C; ++i) {
+    double sum = 0;
+    for (int64_t task = 0; task < tasks; ++task) sum += partial[(size_t)task * M * C + i];
+    gmaa[i] = (T)sum;
+  }
+}
+
 // One row: per group of `width` channels, mean and biased variance (accumulated in double), then
 // out = (y - mean) * rstd * weight + bias, times gate.
 template <class T>
@@ -181,6 +323,49 @@ std::tuple<at::Tensor, at::Tensor> token_shift_mix_cpu(const at::Tensor& x, cons
     token_shift_mix_kernel<scalar_t>(x, maa, grid_h, grid_w, pairs, head_size, delta, mixed);
   });
   return {delta, mixed};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_shift_mix_backward_cpu(const at::Tensor& grad_mixed,
+                                                                const std::optional<at::Tensor>& grad_delta,
+                                                                const at::Tensor& x, const at::Tensor& maa,
+                                                                int64_t grid_h, int64_t grid_w, at::IntArrayRef offsets,
+                                                                int64_t head_size) {
+  const char* op = "token_shift_mix_backward";
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (batch, seq_len, channels), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  check_float(x, op, "x", x.scalar_type());
+  check_float(maa, op, "maa", x.scalar_type());
+  check_float(grad_mixed, op, "grad_mixed", x.scalar_type());
+  const int64_t C = x.size(2);
+  TORCH_CHECK(maa.dim() == 2 && maa.size(1) == C, op, ": maa must be (mixes, ", C, "), got ", maa.sizes());
+  TORCH_CHECK(grad_mixed.dim() == 4 && grad_mixed.size(0) == maa.size(0) && grad_mixed.size(1) == x.size(0) &&
+                  grad_mixed.size(2) == x.size(1) && grad_mixed.size(3) == C,
+              op, ": grad_mixed must be (", maa.size(0), ", ", x.size(0), ", ", x.size(1), ", ", C, "), got ",
+              grad_mixed.sizes());
+  const bool has_delta = grad_delta.has_value() && grad_delta->defined();
+  if (has_delta) {
+    check_float(*grad_delta, op, "grad_delta", x.scalar_type());
+    TORCH_CHECK(grad_delta->sizes() == x.sizes(), op, ": grad_delta has shape ", grad_delta->sizes(), ", expected ",
+                x.sizes());
+  }
+  TORCH_CHECK(grid_h >= 0 && grid_w >= 0 && grid_h * grid_w == x.size(1), op, ": a ", grid_h, " x ", grid_w,
+              " grid does not hold ", x.size(1), " tokens");
+  TORCH_CHECK(offsets.size() >= 2 && offsets.size() % 2 == 0, op,
+              ": offsets must be (dy, dx) pairs, flattened, got ", offsets.size(), " numbers");
+  const int64_t groups = (int64_t)offsets.size() / 2;
+  TORCH_CHECK(head_size > 0 && C % head_size == 0 && head_size % groups == 0, op, ": head_size ", head_size,
+              " must divide the ", C, " channels and be divisible by the ", groups, " shift groups");
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_maa = at::zeros_like(maa);
+  if (x.numel() == 0) return {grad_x, grad_maa};
+  const std::vector<int64_t> pairs(offsets.begin(), offsets.end());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_shift_mix_backward", [&] {
+    const scalar_t* gd = has_delta ? grad_delta->data_ptr<scalar_t>() : nullptr;
+    token_shift_mix_backward_kernel<scalar_t>(grad_mixed, gd, x, maa, grid_h, grid_w, pairs, head_size, grad_x,
+                                              grad_maa);
+  });
+  return {grad_x, grad_maa};
 }
 
 at::Tensor group_norm_gate_cpu(const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,

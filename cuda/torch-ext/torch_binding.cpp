@@ -32,6 +32,10 @@ BI_WKV_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def(
       "token_shift_mix(Tensor x, Tensor maa, int grid_h, int grid_w, int[] offsets, int head_size, bool with_delta)"
       " -> (Tensor, Tensor)");
+  // its gradients (grad_x, grad_maa) from grad_mixed (M, B, T, C) and, when delta was used, grad_delta (B, T, C)
+  m.def(
+      "token_shift_mix_backward(Tensor grad_mixed, Tensor? grad_delta, Tensor x, Tensor maa, int grid_h, int grid_w,"
+      " int[] offsets, int head_size) -> (Tensor, Tensor)");
   // GroupNorm(y) * gate, y and gate (rows, channels)
   m.def("group_norm_gate(Tensor y, Tensor gate, Tensor weight, Tensor bias, int groups, float eps) -> Tensor");
 }
@@ -40,6 +44,7 @@ BI_WKV_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("forward", &bi_wkv::forward_cpu);
   m.impl("backward", &bi_wkv::backward_cpu);
   m.impl("token_shift_mix", &bi_wkv::token_shift_mix_cpu);
+  m.impl("token_shift_mix_backward", &bi_wkv::token_shift_mix_backward_cpu);
   m.impl("group_norm_gate", &bi_wkv::group_norm_gate_cpu);
 }
 

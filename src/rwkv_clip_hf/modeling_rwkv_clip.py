@@ -24,7 +24,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rwkv_clip import RWKVCLIPConfig, RWKVCLIPTextConfig, RWKVCLIPVisionConfig
 from .ops.bi_wkv import bi_wkv, check_backend, default_backend
-from .ops.block import group_norm_gate, token_shift, token_shift_mix
+from .ops.block import group_norm_gate, squared_relu, token_shift, token_shift_mix
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -200,8 +200,7 @@ class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
         _, mixed = self._shift_mix(hidden_states, maa, grid_size, with_delta=False)
         x_k, x_r = mixed.unbind(0)
         if torch.is_grad_enabled():
-            key = torch.relu(self.key(x_k)).square()
-            return torch.sigmoid(self.receptance(x_r)) * self.value(key)
+            return torch.sigmoid(self.receptance(x_r)) * self.value(squared_relu(self.key(x_k)))
         # without autograd: the same values with the temporaries overwritten in place, and long inputs in chunks
         # of rows so that the (rows, intermediate_size) activation stays small
         x_k, x_r = x_k.flatten(0, 1), x_r.flatten(0, 1)

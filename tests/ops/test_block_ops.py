@@ -119,6 +119,55 @@ def test_token_shift_mix_extreme_magnitudes(built, scale):
     assert rel_err(mixed, ref_mixed) <= 1e-6
 
 
+def _shift_mix_grads(fn, x, maa, grid, offsets, head_size, with_delta, weights):
+    """Gradients of sum(delta * weights[0]) (with_delta) + sum(mixed * weights[1]) w.r.t. (x, maa) through `fn`."""
+    inputs = (x.clone().requires_grad_(), maa.clone().requires_grad_())
+    delta, mixed = fn(*inputs)
+    loss = (mixed * weights[1]).sum() + ((delta * weights[0]).sum() if with_delta else 0)
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("case", SHIFT_CASES)
+@pytest.mark.parametrize("mixes", [1, 2, 5])
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_shift_mix_backward_kernel_matches_reference(built, case, mixes, with_delta, dtype):
+    # the fused backward pass (token_shift_mix_backward), against autograd through the float64 token-by-token
+    # reference: every grid edge, shift group and number of interpolations
+    assert hasattr(built, "token_shift_mix_backward")
+    batch, grid, offsets, head_size, channels = case
+    x, maa = _shift_inputs(batch, grid, channels, mixes, torch.float64, seed=mixes)
+    g = torch.Generator().manual_seed(7)
+    weights = (
+        torch.randn(x.shape, generator=g, dtype=torch.float64),
+        torch.randn((mixes,) + x.shape, generator=g, dtype=torch.float64),
+    )
+    expected = _shift_mix_grads(
+        lambda x_, maa_: reference_shift_mix(x_, maa_, grid, offsets, head_size),
+        x,
+        maa,
+        grid,
+        offsets,
+        head_size,
+        with_delta,
+        weights,
+    )
+    actual = _shift_mix_grads(
+        lambda x_, maa_: block.token_shift_mix(x_, maa_, grid, offsets, head_size, True, backend="kernel"),
+        x.to(dtype),
+        maa.to(dtype),
+        grid,
+        offsets,
+        head_size,
+        with_delta,
+        tuple(w.to(dtype) for w in weights),
+    )
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for ours, theirs in zip(actual, expected):
+        assert ours.dtype == dtype
+        assert rel_err(ours, theirs) <= tol
+
+
 @pytest.mark.parametrize("case", [SHIFT_CASES[0], SHIFT_CASES[4]])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_token_shift_mix_backward(built, case, with_delta):
@@ -131,15 +180,38 @@ def test_token_shift_mix_backward(built, case, with_delta):
 
     inputs = (x.clone().requires_grad_(), maa.clone().requires_grad_())
     assert torch.autograd.gradcheck(fused, inputs)
-    # and the same gradients as the reference's autograd
-    weights = [torch.randn_like(t) for t in reference_shift_mix(x, maa, grid, offsets, head_size)]
-    ref_inputs = (x.clone().requires_grad_(), maa.clone().requires_grad_())
-    ref = reference_shift_mix(*ref_inputs, grid, offsets, head_size)
-    ref_loss = (ref[1] * weights[1]).sum() + ((ref[0] * weights[0]).sum() if with_delta else 0)
-    outputs = block.token_shift_mix(*inputs, grid, offsets, head_size, with_delta, backend="kernel")
-    loss = (outputs[1] * weights[1]).sum() + ((outputs[0] * weights[0]).sum() if with_delta else 0)
-    for ours, theirs in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref_loss, ref_inputs)):
-        assert rel_err(ours, theirs) <= 1e-12
+
+
+class _WithoutFusedBackward:
+    """A kernel module as published before token_shift_mix_backward: the forward ops only."""
+
+    def __init__(self, module):
+        self._module = module
+        self.asked = []
+
+    def __getattr__(self, name):
+        self.asked.append(name)
+        if name == "token_shift_mix_backward":
+            raise AttributeError(name)
+        return getattr(self._module, name)
+
+
+def test_token_shift_mix_backward_of_older_builds_recomputes(built, monkeypatch):
+    # a build with the forward but not the backward pass differentiates the composition instead: same gradients
+    batch, grid, offsets, head_size, channels = SHIFT_CASES[1]
+    x, maa = _shift_inputs(batch, grid, channels, 2, torch.float64, seed=3)
+    weights = (torch.randn_like(x), torch.randn((2,) + x.shape, dtype=torch.float64))
+
+    def fused(x_, maa_):
+        return block.token_shift_mix(x_, maa_, grid, offsets, head_size, True, backend="kernel")
+
+    new = _shift_mix_grads(fused, x, maa, grid, offsets, head_size, True, weights)
+    older = _WithoutFusedBackward(built)
+    monkeypatch.setattr(block, "kernel_module", lambda key: older)
+    old = _shift_mix_grads(fused, x, maa, grid, offsets, head_size, True, weights)
+    assert "token_shift_mix" in older.asked and "token_shift_mix_backward" in older.asked
+    for a, b in zip(new, old):
+        assert rel_err(a, b) <= 1e-13
 
 
 @pytest.mark.parametrize("rows, channels, groups", [(1, 8, 1), (7, 16, 2), (33, 160, 2), (5, 640, 8)])
@@ -300,3 +372,24 @@ def test_channel_mix_row_chunks_without_autograd(chunk_rows):
     plain = model.vision_model(pixel_values=pixel_values).last_hidden_state.detach()
     assert rel_err(chunked, plain.double()) <= 1e-6
     assert rel_err(chunked, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_relu_backward(dtype):
+    # relu(x) ** 2 with its one-product backward: the same values and gradients as autograd through the
+    # composition (bitwise: 2 * relu(x) * g either way), zeros included, and gradcheck in float64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=g, dtype=torch.float64).to(dtype)
+    x[0, 0, :4] = 0.0  # the kink
+    weight = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    ours_in, theirs_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = block.squared_relu(ours_in), torch.relu(theirs_in).square()
+    assert torch.equal(ours, theirs) and ours.grad_fn is not None and "SquaredReLU" in type(ours.grad_fn).__name__
+    (grad_ours,) = torch.autograd.grad((ours * weight).sum(), ours_in)
+    (grad_theirs,) = torch.autograd.grad((theirs * weight).sum(), theirs_in)
+    assert torch.equal(grad_ours, grad_theirs)
+    assert torch.equal(grad_ours, 2 * torch.relu(x) * weight)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(block.squared_relu, (x.clone().requires_grad_(),))
+    with torch.no_grad():
+        assert torch.equal(block.squared_relu(x), torch.relu(x).square())

@@ -10,7 +10,7 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["bi_wkv", "group_norm_gate", "ops", "token_shift_mix"]
+__all__ = ["bi_wkv", "group_norm_gate", "ops", "token_shift_mix", "token_shift_mix_backward"]
 
 
 @torch.library.register_fake(add_op_namespace_prefix("forward"))
@@ -50,14 +50,19 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     return ops.forward(r, k, v, w, u.to(acc).contiguous()).to(out_dtype)
 
 
-# The fused element-wise work of the RWKV-CLIP block (CPU; float32 and float64). Forward only: the model package
-# (rwkv_clip_hf.ops.block) holds their PyTorch composition, autograd and fallbacks.
+# The fused element-wise work of the RWKV-CLIP block (CPU; float32 and float64), and the backward of the token
+# shift: the model package (rwkv_clip_hf.ops.block) holds their PyTorch composition, autograd and fallbacks.
 
 
 @torch.library.register_fake(add_op_namespace_prefix("token_shift_mix"))
 def _token_shift_mix_fake(x, maa, grid_h, grid_w, offsets, head_size, with_delta):
     delta = torch.empty_like(x) if with_delta else x.new_empty(0)
     return delta, x.new_empty((maa.shape[0],) + tuple(x.shape))
+
+
+@torch.library.register_fake(add_op_namespace_prefix("token_shift_mix_backward"))
+def _token_shift_mix_backward_fake(grad_mixed, grad_delta, x, maa, grid_h, grid_w, offsets, head_size):
+    return torch.empty_like(x), torch.empty_like(maa)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("group_norm_gate"))
@@ -77,6 +82,23 @@ def token_shift_mix(
     contiguous float32 / float64 on a `grid_size` token grid, maa (M, C) of x's dtype; mixed is (M, B, T, C)."""
     flat = [int(value) for pair in offsets for value in pair]
     return ops.token_shift_mix(x, maa, int(grid_size[0]), int(grid_size[1]), flat, int(head_size), bool(with_delta))
+
+
+def token_shift_mix_backward(
+    grad_mixed: torch.Tensor,
+    grad_delta: torch.Tensor | None,
+    x: torch.Tensor,
+    maa: torch.Tensor,
+    grid_size: tuple[int, int],
+    offsets: tuple[tuple[int, int], ...],
+    head_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients (grad_x, grad_maa) of `token_shift_mix` from grad_mixed (M, B, T, C) and grad_delta (B, T, C,
+    or None when delta was not used), contiguous, of x's dtype."""
+    flat = [int(value) for pair in offsets for value in pair]
+    return ops.token_shift_mix_backward(
+        grad_mixed, grad_delta, x, maa, int(grid_size[0]), int(grid_size[1]), flat, int(head_size)
+    )
 
 
 def group_norm_gate(

@@ -1,12 +1,14 @@
 """The element-wise work of an RWKV-CLIP block around its matmuls: token shift with its interpolations, the
-GroupNorm-times-gate of the token mix (docs/architecture.md sections 4 and 5).
+GroupNorm-times-gate of the token mix, the squared ReLU of the channel mix (docs/architecture.md sections 4-6).
 
 Each op is its PyTorch composition, which is the definition and the fallback, and may run as one fused pass of
 the prebuilt kernel package (`cuda/bi_wkv/block_cpu.cpp`; CPU, float32 and float64) chosen through the same
 `backend` values and loading as Bi-WKV (`ops.bi_wkv.kernel`): "auto" and "kernel" use the fused pass when the
 loaded kernel build has it, "torch" and "triton" never do. Under torch.compile the composition is traced (inductor
 fuses it by itself). The fused passes are differentiable: their backward recomputes the composition from the
-saved inputs and differentiates it, so both paths share one set of formulas.
+saved inputs and differentiates it, so both paths share one set of formulas; the token shift's backward, the
+largest of them in a training step, is a fused pass of the kernel package too (its formulas are written out in
+`block_cpu.cpp` and tested against the composition's autograd).
 """
 
 import torch
@@ -89,6 +91,7 @@ class _TokenShiftMix(torch.autograd.Function):
         ctx.save_for_backward(x, maa)
         ctx.args = (grid_size, offsets, head_size)
         ctx.with_delta = with_delta
+        ctx.module = module
         delta, mixed = module.token_shift_mix(x, maa, grid_size, offsets, head_size, with_delta)
         if not with_delta:
             ctx.mark_non_differentiable(delta)
@@ -99,7 +102,17 @@ class _TokenShiftMix(torch.autograd.Function):
     def backward(ctx, grad_delta, grad_mixed):
         x, maa = ctx.saved_tensors
         grid_size, offsets, head_size = ctx.args
-        grads = (grad_delta if ctx.with_delta else None, grad_mixed)
+        grad_delta = grad_delta if ctx.with_delta else None
+        if hasattr(ctx.module, "token_shift_mix_backward"):  # builds before it recompute the composition
+            if grad_delta is not None:
+                grad_delta = grad_delta.contiguous()
+            return (
+                ctx.module.token_shift_mix_backward(
+                    grad_mixed.contiguous(), grad_delta, x, maa, grid_size, offsets, head_size
+                )
+                + (None,) * 5
+            )
+        grads = (grad_delta, grad_mixed)
         grad_x, grad_maa = _recompute_grads(
             lambda x_, maa_: _shift_mix_composition(x_, maa_, grid_size, offsets, head_size),
             (x, maa),
@@ -176,4 +189,27 @@ def group_norm_gate(
     return _GroupNormGate.apply(y.contiguous(), gate.contiguous(), weight, bias, groups, eps, module)
 
 
-__all__ = ["group_norm_gate", "token_shift", "token_shift_mix"]
+class _SquaredReLU(torch.autograd.Function):
+    # d relu(x)^2 / dx = 2 relu(x): one product with the saved relu(x) (zero wherever x <= 0, so no mask either),
+    # instead of autograd's pow(relu(x), 1) copy, two products and the ReLU's threshold pass; the same values
+    @staticmethod
+    def forward(ctx, x):
+        activated = torch.relu(x)
+        ctx.save_for_backward(activated)
+        return activated.square()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (activated,) = ctx.saved_tensors
+        return torch.mul(grad_out, activated).mul_(2)
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """`relu(x) ** 2`, the channel mix's activation; with autograd, a backward of one product and no copies."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _SquaredReLU.apply(x)
+    return torch.relu(x).square()
+
+
+__all__ = ["group_norm_gate", "squared_relu", "token_shift", "token_shift_mix"]
