@@ -1,7 +1,7 @@
 // Bi-WKV on the CPU: parallel over batch x heads, (N, N) states per task.
 //
-// The forward (head sizes a multiple of 8) runs register tiles of the state over blocks of tokens, reading
-// float32 / float64 rows in place (fwd_tile_direction); other head sizes and the backward use a handful of
+// The forward and the backward (head sizes a multiple of 8) run register tiles of the states over the tokens, the
+// forward reading float32 / float64 rows in place (fwd_tile_direction, bwd_tiled_impl); other head sizes use a handful of
 // contiguous length-N loops per token and state row (axpys, element-wise updates, few dot products), written so
 // that the compiler vectorises them: the forward's rows run over the value channels, the backward's over the
 // key channels (value-major states, see bwd_token). The hot loops are compiled for AVX-512, AVX2+FMA and the
@@ -375,6 +375,119 @@ inline void fwd_tiled(int T_, int n, const double* r, const double* k, const dou
   fwd_tiled_f64(T_, n, r, k, v, dd, u, stride, y, ystride, state);
 }
 
+// The backward, register-blocked (head sizes as the tiled forward). dv_i = sum_t (r_t . D(t,i) k_i) gy_t is itself a
+// Bi-WKV without the bonus, with (k, r, gy) in the roles of (r, k, v) (the decay product between two tokens is the same
+// both ways): the forward's tiles compute it. dr, dk and X run on value-major tiles of kBwdRows value channels c x
+// one vector of key channels d, for both states A^T = sum decayed v k^T and G^T = sum decayed gy r^T, kept in
+// registers for a whole sweep: per token, dr_t[d] += sum_c gy_t[c] A^T[c, d] and dk_t[d] += sum_c v_t[c] G^T[c, d]
+// are vertical sums over the tile's rows, read and written once per token and tile. The forward sweep stores each
+// token's (Af, Gf) tile (2 kBwdRows vectors per token: T * 256 bytes for float32); the backward sweep reads them
+// back for X_t = sum_c Af_t Gb_t + Ab_t Gf_t (see bwd_impl for X and the decay gradient).
+constexpr int kBwdRows = 4;
+
+template <class T>
+BI_WKV_INLINE void bwd_tiled_impl(int T_, int n, const T* r, const T* k, const T* v, const T* gy, const T* dd,
+                                  const T* u, T* dr, T* dk, T* dv, T* X, T* du, T* scratch) {
+  using V = Vec<T>;
+  using vec = typename V::type;
+  constexpr int W = V::kWidth, R = kBwdRows;
+  const size_t tn = (size_t)T_ * n;
+  for (size_t i = 0; i < tn; ++i) dr[i] = dk[i] = dv[i] = X[i] = 0;
+  for (int d = 0; d < n; ++d) du[d] = 0;
+  // the bonus of the current token: y_t += (r_t . (u * k_t)) v_t
+  for (int t = 0; t < T_; ++t) {
+    const size_t off = (size_t)t * n;
+    const T q = dot(v + off, gy + off, n);
+    T ruk = 0;
+#pragma omp simd reduction(+ : ruk)
+    for (int d = 0; d < n; ++d) ruk += r[off + d] * u[d] * k[off + d];
+#pragma omp simd
+    for (int d = 0; d < n; ++d) {
+      dr[off + d] += u[d] * k[off + d] * q;
+      dk[off + d] += u[d] * r[off + d] * q;
+      du[d] += r[off + d] * k[off + d] * q;
+      dv[off + d] += ruk * gy[off + d];
+    }
+  }
+  // dv: the forward's scans with (k, r, gy) for (r, k, v)
+  fwd_tile_direction(T_, n, 0, 1, k, r, gy, dd, n, dv, n, scratch);
+  fwd_tile_direction(T_, n, T_ - 1, -1, k, r, gy, dd, n, dv, n, scratch);
+  // dr, dk, X
+  T* hist = scratch;  // (T, 2R, W): the forward states before each token
+  const vec zero = {};
+  for (int c0 = 0; c0 < n; c0 += R) {
+    for (int d0 = 0; d0 < n; d0 += W) {
+      vec A[R], G[R];
+      for (int i = 0; i < R; ++i) A[i] = G[i] = zero;
+      for (int t = 0; t < T_; ++t) {
+        const size_t off = (size_t)t * n;
+        const T* gt = gy + off + c0;
+        const T* vt = v + off + c0;
+        const vec kt = V::load(k + off + d0), rt = V::load(r + off + d0), dt = V::load(dd + off + d0);
+        T* h = hist + (size_t)t * 2 * R * W;
+        vec accr = zero, acck = zero;
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) {
+          accr += gt[i] * A[i];
+          acck += vt[i] * G[i];
+          V::store(h + i * W, A[i]);
+          V::store(h + (R + i) * W, G[i]);
+          A[i] = dt * A[i] + vt[i] * kt;
+          G[i] = dt * G[i] + gt[i] * rt;
+        }
+        V::store(dr + off + d0, V::load(dr + off + d0) + accr);
+        V::store(dk + off + d0, V::load(dk + off + d0) + acck);
+      }
+      for (int i = 0; i < R; ++i) A[i] = G[i] = zero;
+      for (int t = T_ - 1; t >= 0; --t) {
+        const size_t off = (size_t)t * n;
+        const T* gt = gy + off + c0;
+        const T* vt = v + off + c0;
+        const vec kt = V::load(k + off + d0), rt = V::load(r + off + d0), dt = V::load(dd + off + d0);
+        const T* h = hist + (size_t)t * 2 * R * W;
+        vec accr = zero, acck = zero, accx = zero;
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) {
+          accr += gt[i] * A[i];
+          acck += vt[i] * G[i];
+          accx += V::load(h + i * W) * G[i] + A[i] * V::load(h + (R + i) * W);
+          A[i] = dt * A[i] + vt[i] * kt;
+          G[i] = dt * G[i] + gt[i] * rt;
+        }
+        V::store(dr + off + d0, V::load(dr + off + d0) + accr);
+        V::store(dk + off + d0, V::load(dk + off + d0) + acck);
+        V::store(X + off + d0, V::load(X + off + d0) + accx);
+      }
+    }
+  }
+}
+
+BI_WKV_CLONES void bwd_tiled_f32(int T_, int n, const float* r, const float* k, const float* v, const float* gy,
+                                 const float* dd, const float* u, float* dr, float* dk, float* dv, float* X,
+                                 float* du, float* scratch) {
+  bwd_tiled_impl<float>(T_, n, r, k, v, gy, dd, u, dr, dk, dv, X, du, scratch);
+}
+BI_WKV_CLONES void bwd_tiled_f64(int T_, int n, const double* r, const double* k, const double* v, const double* gy,
+                                 const double* dd, const double* u, double* dr, double* dk, double* dv, double* X,
+                                 double* du, double* scratch) {
+  bwd_tiled_impl<double>(T_, n, r, k, v, gy, dd, u, dr, dk, dv, X, du, scratch);
+}
+inline void bwd_tiled(int T_, int n, const float* r, const float* k, const float* v, const float* gy, const float* dd,
+                      const float* u, float* dr, float* dk, float* dv, float* X, float* du, float* scratch) {
+  bwd_tiled_f32(T_, n, r, k, v, gy, dd, u, dr, dk, dv, X, du, scratch);
+}
+inline void bwd_tiled(int T_, int n, const double* r, const double* k, const double* v, const double* gy,
+                      const double* dd, const double* u, double* dr, double* dk, double* dv, double* X, double* du,
+                      double* scratch) {
+  bwd_tiled_f64(T_, n, r, k, v, gy, dd, u, dr, dk, dv, X, du, scratch);
+}
+
+// the tiles need whole vectors and whole row tiles; other head sizes take the row-by-row scans
+template <class T>
+inline bool use_tiles(int64_t n) {
+  return n % Vec<T>::kWidth == 0 && n % kRows == 0 && n % kBwdRows == 0;
+}
+
 template <class scalar_t>
 void forward_kernel(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                     const at::Tensor& u, at::Tensor& y) {
@@ -389,8 +502,7 @@ void forward_kernel(const at::Tensor& r, const at::Tensor& k, const at::Tensor& 
   at::Tensor decay = w.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).exp();
   decay.neg_().exp_();
   const acc_t* decay_all = decay.data_ptr<acc_t>();
-  // the tiles need whole vectors and whole row tiles; other head sizes take the row-by-row scan
-  const bool tiled = n % Vec<acc_t>::kWidth == 0 && n % kRows == 0;
+  const bool tiled = use_tiles<acc_t>(n);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const size_t tn = (size_t)T_ * n;
     // decays, the state, and (unless the tiles read the inputs in place) gathered r, k, v and y
@@ -432,15 +544,27 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& r, const at::Tensor
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = r.size(0), T_ = r.size(1), H = r.size(2), n = r.size(3);
   const scalar_t *gp = gy.data_ptr<scalar_t>(), *rp = r.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(),
-                 *vp = v.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+                 *vp = v.data_ptr<scalar_t>();
   const acc_t* up = u.data_ptr<acc_t>();
   scalar_t *drp = dr.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>(),
            *dwp = dw.data_ptr<scalar_t>();
   acc_t* dup = du_per_batch.data_ptr<acc_t>();  // (B, H, N)
+  const bool tiled = use_tiles<acc_t>(n);
+  // with ATen's vectorised exp, for every element at once (as the forward): the decays d = exp(-exp(w)) and the
+  // factor of dw, dw_j = X_j * d_j * d log(d_j) / d w_j = -X_j exp(w_j) d_j = -X_j exp(w_j - exp(w_j)) (zero, not
+  // 0 * inf, for a large w), in the accumulation type and w's (B, T, H, N) layout
+  const at::Tensor w_acc = w.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat);
+  const at::Tensor exp_w = w_acc.exp();
+  const at::Tensor decay = exp_w.neg().exp_();
+  const at::Tensor dw_factor = (w_acc - exp_w).exp_().neg_();
+  const acc_t *decay_all = decay.data_ptr<acc_t>(), *factor_all = dw_factor.data_ptr<acc_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const size_t tn = (size_t)T_ * n;
-    // inputs (r, k, v, gy, dd, w), outputs (dr, dk, dv, X), scan scratch
-    std::vector<acc_t> buf(10 * tn + bwd_scratch_size((int)T_, (int)n));
+    // the tiles' scratch: an (n, n) state for the dv scans, then the forward states of every token
+    const size_t scratch_size = tiled ? std::max((size_t)n * n, (size_t)T_ * 2 * kBwdRows * Vec<acc_t>::kWidth)
+                                      : bwd_scratch_size((int)T_, (int)n);
+    // inputs (r, k, v, gy, decays, dw factors), outputs (dr, dk, dv, X), scan scratch
+    std::vector<acc_t> buf(10 * tn + scratch_size);
     acc_t *rb = buf.data(), *kb = rb + tn, *vb = kb + tn, *gb = vb + tn, *db = gb + tn, *wb = db + tn;
     acc_t *drb = wb + tn, *dkb = drb + tn, *dvb = dkb + tn, *dlb = dvb + tn, *scratch = dlb + tn;
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -449,12 +573,14 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& r, const at::Tensor
       gather(kp, kb, b, h, T_, H, n);
       gather(vp, vb, b, h, T_, H, n);
       gather(gp, gb, b, h, T_, H, n);
-      gather(wp, wb, b, h, T_, H, n);
-      for (size_t i = 0; i < tn; ++i) db[i] = std::exp(-std::exp(wb[i]));
-      bwd_hot((int)T_, (int)n, rb, kb, vb, gb, db, up + h * n, drb, dkb, dvb, dlb, dup + (b * H + h) * n, scratch);
-      // dw_j = X_j * d_j * d log(d_j) / d w_j = -X_j exp(w_j) d_j = -X_j exp(w_j - exp(w_j)): zero, not 0 * inf,
-      // for a large w
-      for (size_t i = 0; i < tn; ++i) dlb[i] *= -std::exp(wb[i] - std::exp(wb[i]));
+      gather(decay_all, db, b, h, T_, H, n);
+      gather(factor_all, wb, b, h, T_, H, n);
+      if (tiled) {
+        bwd_tiled((int)T_, (int)n, rb, kb, vb, gb, db, up + h * n, drb, dkb, dvb, dlb, dup + (b * H + h) * n, scratch);
+      } else {
+        bwd_hot((int)T_, (int)n, rb, kb, vb, gb, db, up + h * n, drb, dkb, dvb, dlb, dup + (b * H + h) * n, scratch);
+      }
+      for (size_t i = 0; i < tn; ++i) dlb[i] *= wb[i];  // dw
       scatter(drb, drp, b, h, T_, H, n);
       scatter(dkb, dkp, b, h, T_, H, n);
       scatter(dvb, dvp, b, h, T_, H, n);

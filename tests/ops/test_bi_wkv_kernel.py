@@ -131,7 +131,8 @@ def test_forward_and_backward_against_float64_reference(built, device, seq_len, 
         if not expected.any():
             assert x.grad.abs().max().item() <= 1e-6, name
             continue
-        assert rel_err(x.grad.cpu(), expected) <= 1e-4, name
+        # the CPU kernel to the issue's 1e-5; the CUDA kernel (not yet run on a GPU) to 1e-4
+        assert rel_err(x.grad.cpu(), expected) <= (1e-5 if device == "cpu" else 1e-4), name
 
 
 def test_float64_gradcheck_of_the_cpu_kernel(built):
@@ -159,6 +160,27 @@ def test_cpu_forward_paths_of_every_head_size(built, size, dtype, decay):
     y = bi_wkv(*(x.to(dtype) for x in inputs), backend="kernel")
     assert y.dtype == dtype
     assert rel_err(y, reference) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("size", [4, 8, 12, 20, 24, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay", ["mixed", "none", "full", "spikes"])
+def test_cpu_backward_paths_of_every_head_size(built, size, dtype, decay):
+    """The CPU backward's register tiles (head sizes a multiple of 8: dv through the forward's tiles, dr / dk / dw on
+    value-major tiles with the forward states of every token stored) and its row-by-row scans with checkpoints
+    (other sizes), against autograd through the float64 recurrence, every input's gradient."""
+    inputs = make_inputs(2, 37, 3, size, decay, seed=size)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref_inputs = [x.clone().requires_grad_() for x in inputs]
+    naive_bi_wkv(*ref_inputs).backward(grad_out)
+    leaves = [x.to(dtype).requires_grad_() for x in inputs]
+    bi_wkv(*leaves, backend="kernel").backward(grad_out.to(dtype))
+    for name, x, ref in zip("rkvwu", leaves, ref_inputs):
+        assert x.grad.dtype == dtype, name
+        if not ref.grad.any():  # no decay gradient where every decay is 0 or 1
+            assert x.grad.abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-300), name
+            continue
+        assert rel_err(x.grad, ref.grad) <= (1e-5 if dtype == torch.float32 else 1e-12), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
