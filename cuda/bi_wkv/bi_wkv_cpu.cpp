@@ -282,11 +282,13 @@ void scatter(const acc_t* src, scalar_t* dst, int64_t b, int64_t h, int64_t T_, 
   }
 }
 
-// The forward, register-blocked: for a tile of kRows key channels x one vector of value channels, the tile of
-// the state stays in vector registers for a whole sweep over the tokens, and y_t's slice of value channels is
-// read and written once per token and tile (instead of once per token and key channel). Each token costs
-// kRows x (2 FMA + 1 multiply) on registers plus broadcasts of r, k and the decay. Rows of r, k, v and y are read
-// in place with a token stride (no gathered copies for float32 / float64 inputs).
+// The forward, register-blocked: for a tile of kRows key channels x kCols vectors of value channels, the tile of
+// the state stays in vector registers for a whole block of tokens, and y_t's slice of value channels is read and
+// written once per token and tile (instead of once per token and key channel). Each token costs kRows x kCols x
+// (2 FMA + 1 multiply) on registers plus kRows broadcasts of r, k and the decay; two vectors per row halve the
+// broadcasts per FMA and give two independent sums of r_t^T S (4 x 2 was 1.3x faster than 8 x 1 on a Zen 3 core,
+// with 14 of the 16 AVX2 registers). Rows of r, k, v and y are read in place with a token stride (no gathered
+// copies for float32 / float64 inputs).
 template <class T>
 struct Vec {
   static constexpr int kWidth = 32 / sizeof(T);  // 8 floats or 4 doubles: one AVX register
@@ -296,45 +298,67 @@ struct Vec {
   static BI_WKV_INLINE void store(T* p, type x) { *reinterpret_cast<unaligned*>(p) = x; }
 };
 
-constexpr int kRows = 8;
+constexpr int kRows = 4;
+constexpr int kCols = 2;
 
 // Tokens per block of a sweep: a block's rows of r, k, v, the decays and y stay in L1 while every tile of the
 // state passes over them (a tile's state goes to memory only between blocks).
 constexpr int kTokenBlock = 16;
 
-// One direction: y[t, c0:c0+W] += sum over key channels d of r_t[d] S_t[d, c0:c0+W], tile by tile. For each y
-// element the key channels are summed in ascending order, like a row-by-row scan.
+// One tile of C vectors from value channel c0, key channels d0 .. d0 + kRows, over the tokens s0 .. s1 of a sweep.
+template <class T, int C>
+BI_WKV_INLINE void fwd_tile(int s0, int s1, int n, int first, int step, int c0, int d0, const T* r, const T* k,
+                            const T* v, const T* dd, int64_t stride, T* y, int64_t ystride, T* state) {
+  using V = Vec<T>;
+  using vec = typename V::type;
+  constexpr int W = V::kWidth;
+  T* tile = state + (size_t)d0 * n + c0;
+  vec S[kRows][C];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < C; ++j) S[i][j] = V::load(tile + (size_t)i * n + j * W);
+  for (int s = s0; s < s1; ++s) {
+    const int64_t t = first + (int64_t)s * step;
+    const T* rt = r + t * stride + d0;
+    const T* kt = k + t * stride + d0;
+    const T* dt = dd + t * n + d0;
+    T* yt = y + t * ystride + c0;
+    vec vt[C], acc[C];
+    for (int j = 0; j < C; ++j) {
+      vt[j] = V::load(v + t * stride + c0 + j * W);
+      acc[j] = V::load(yt + j * W);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      const T ri = rt[i], di = dt[i], ki = kt[i];
+#pragma GCC unroll 2
+      for (int j = 0; j < C; ++j) {
+        acc[j] += ri * S[i][j];
+        S[i][j] = di * S[i][j] + ki * vt[j];
+      }
+    }
+    for (int j = 0; j < C; ++j) V::store(yt + j * W, acc[j]);
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < C; ++j) V::store(tile + (size_t)i * n + j * W, S[i][j]);
+}
+
+// One direction: y[t, c] += sum over key channels d of r_t[d] S_t[d, c], tile by tile (kCols vectors, a last
+// single vector where the value channels leave one over). For each y element the key channels are summed in
+// ascending order, like a row-by-row scan.
 template <class T>
 BI_WKV_INLINE void fwd_tile_direction(int T_, int n, int first, int step, const T* r, const T* k, const T* v,
                                       const T* dd, int64_t stride, T* y, int64_t ystride, T* state) {
-  using V = Vec<T>;
-  using vec = typename V::type;
+  constexpr int W = Vec<T>::kWidth;
   for (int i = 0; i < n * n; ++i) state[i] = 0;
   for (int s0 = 0; s0 < T_; s0 += kTokenBlock) {
     const int s1 = std::min(T_, s0 + kTokenBlock);
-    for (int c0 = 0; c0 < n; c0 += V::kWidth) {
-      for (int d0 = 0; d0 < n; d0 += kRows) {
-        T* tile = state + (size_t)d0 * n + c0;
-        vec S[kRows];
-        for (int i = 0; i < kRows; ++i) S[i] = V::load(tile + (size_t)i * n);
-        for (int s = s0; s < s1; ++s) {
-          const int64_t t = first + (int64_t)s * step;
-          const T* rt = r + t * stride + d0;
-          const T* kt = k + t * stride + d0;
-          const T* dt = dd + t * n + d0;
-          const vec vt = V::load(v + t * stride + c0);
-          T* yt = y + t * ystride + c0;
-          vec acc = V::load(yt);
-#pragma GCC unroll 8
-          for (int i = 0; i < kRows; ++i) {
-            acc += rt[i] * S[i];
-            S[i] = dt[i] * S[i] + kt[i] * vt;
-          }
-          V::store(yt, acc);
-        }
-        for (int i = 0; i < kRows; ++i) V::store(tile + (size_t)i * n, S[i]);
-      }
-    }
+    int c0 = 0;
+    for (; c0 + kCols * W <= n; c0 += kCols * W)
+      for (int d0 = 0; d0 < n; d0 += kRows)
+        fwd_tile<T, kCols>(s0, s1, n, first, step, c0, d0, r, k, v, dd, stride, y, ystride, state);
+    for (; c0 < n; c0 += W)
+      for (int d0 = 0; d0 < n; d0 += kRows)
+        fwd_tile<T, 1>(s0, s1, n, first, step, c0, d0, r, k, v, dd, stride, y, ystride, state);
   }
 }
 
