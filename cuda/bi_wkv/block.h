@@ -24,4 +24,9 @@ std::tuple<at::Tensor, at::Tensor> token_shift_mix_backward_cpu(const at::Tensor
 at::Tensor group_norm_gate_cpu(const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,
                                const at::Tensor& bias, int64_t groups, double eps);
 
+// its gradients (grad_y, grad_gate, grad_weight, grad_bias) from grad (rows, channels)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_gate_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,
+    const at::Tensor& bias, int64_t groups, double eps);
+
 }  // namespace bi_wkv

@@ -11,6 +11,10 @@
 //       grad_maa[j] = sum over tokens of grad_mixed[j] * delta   (accumulated in double)
 //       One pass over the tokens: gD of the neighbour a token's group reads from is recomputed there.
 //   group_norm_gate: GroupNorm(y; groups, weight, bias, eps) * gate, row by row   (section 5)
+//   group_norm_gate_backward: its gradients; per row and group, with yhat = (y - mean) * rstd, a = yhat * weight + bias
+//       and ga = grad * gate: grad_gate = grad * a, g = ga * weight,
+//       grad_y = rstd * (g - mean(g) - yhat * mean(g * yhat)), grad_weight = sum over rows of ga * yhat,
+//       grad_bias = sum over rows of ga   (the means and row sums accumulated in double)
 //
 // Rows are independent, so both run parallel over tokens with at::parallel_for; the inner loops run over
 // contiguous channels and are compiled for AVX-512, AVX2 + FMA and the x86-64 baseline (as in bi_wkv_cpu.cpp).
@@ -289,6 +293,72 @@ inline void group_norm_gate_dispatch(const double* y, const double* gate, const 
   group_norm_gate_f64(y, gate, weight, bias, C, groups, eps, out);
 }
 
+// One row of the backward (see the top of the file). gy holds g between the two passes over a group.
+template <class T>
+inline void group_norm_gate_backward_row(const T* __restrict grad, const T* __restrict y, const T* __restrict gate,
+                                         const T* __restrict weight, const T* __restrict bias, int64_t C,
+                                         int64_t groups, double eps, T* __restrict gy, T* __restrict ggate,
+                                         double* __restrict acc_w, double* __restrict acc_b) {
+  const int64_t width = C / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = g * width, end = begin + width;
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = begin; c < end; ++c) sum += (double)y[c];
+    const double mean = sum / (double)width;
+    double sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = begin; c < end; ++c) {
+      const double centred = (double)y[c] - mean;
+      sq += centred * centred;
+    }
+    const T rstd = (T)(1.0 / std::sqrt(sq / (double)width + eps));
+    const T m = (T)mean;
+    double sum_g = 0, sum_gy = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gy)
+    for (int64_t c = begin; c < end; ++c) {
+      const T yhat = (y[c] - m) * rstd;
+      ggate[c] = grad[c] * (yhat * weight[c] + bias[c]);
+      const T ga = grad[c] * gate[c];
+      acc_w[c] += (double)(ga * yhat);
+      acc_b[c] += (double)ga;
+      const T gw = ga * weight[c];
+      gy[c] = gw;
+      sum_g += (double)gw;
+      sum_gy += (double)(gw * yhat);
+    }
+    const T mean_g = (T)(sum_g / (double)width), mean_gy = (T)(sum_gy / (double)width);
+#pragma omp simd
+    for (int64_t c = begin; c < end; ++c) {
+      const T yhat = (y[c] - m) * rstd;
+      gy[c] = rstd * (gy[c] - mean_g - yhat * mean_gy);
+    }
+  }
+}
+
+BLOCK_CLONES void group_norm_gate_backward_f32(const float* grad, const float* y, const float* gate, const float* weight,
+                                               const float* bias, int64_t C, int64_t groups, double eps, float* gy,
+                                               float* ggate, double* acc_w, double* acc_b) {
+  group_norm_gate_backward_row(grad, y, gate, weight, bias, C, groups, eps, gy, ggate, acc_w, acc_b);
+}
+
+BLOCK_CLONES void group_norm_gate_backward_f64(const double* grad, const double* y, const double* gate,
+                                               const double* weight, const double* bias, int64_t C, int64_t groups,
+                                               double eps, double* gy, double* ggate, double* acc_w, double* acc_b) {
+  group_norm_gate_backward_row(grad, y, gate, weight, bias, C, groups, eps, gy, ggate, acc_w, acc_b);
+}
+
+inline void group_norm_gate_backward_dispatch(const float* grad, const float* y, const float* gate, const float* weight,
+                                              const float* bias, int64_t C, int64_t groups, double eps, float* gy,
+                                              float* ggate, double* acc_w, double* acc_b) {
+  group_norm_gate_backward_f32(grad, y, gate, weight, bias, C, groups, eps, gy, ggate, acc_w, acc_b);
+}
+inline void group_norm_gate_backward_dispatch(const double* grad, const double* y, const double* gate,
+                                              const double* weight, const double* bias, int64_t C, int64_t groups,
+                                              double eps, double* gy, double* ggate, double* acc_w, double* acc_b) {
+  group_norm_gate_backward_f64(grad, y, gate, weight, bias, C, groups, eps, gy, ggate, acc_w, acc_b);
+}
+
 void check_float(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
@@ -397,6 +467,58 @@ at::Tensor group_norm_gate_cpu(const at::Tensor& y, const at::Tensor& gate, cons
     });
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_gate_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& weight,
+    const at::Tensor& bias, int64_t groups, double eps) {
+  const char* op = "group_norm_gate_backward";
+  TORCH_CHECK(y.dim() == 2, op, ": y must be (rows, channels), got ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble, op,
+              ": y must be float32 or float64, got ", y.scalar_type());
+  check_float(grad, op, "grad", y.scalar_type());
+  check_float(y, op, "y", y.scalar_type());
+  check_float(gate, op, "gate", y.scalar_type());
+  check_float(weight, op, "weight", y.scalar_type());
+  check_float(bias, op, "bias", y.scalar_type());
+  const int64_t C = y.size(1), R = y.size(0);
+  TORCH_CHECK(grad.sizes() == y.sizes() && gate.sizes() == y.sizes(), op, ": grad and gate must have y's shape ",
+              y.sizes(), ", got ", grad.sizes(), " and ", gate.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && bias.dim() == 1 && bias.size(0) == C, op,
+              ": weight and bias must be (", C, ",), got ", weight.sizes(), " and ", bias.sizes());
+  TORCH_CHECK(groups > 0 && C % groups == 0, op, ": ", groups, " groups do not divide ", C, " channels");
+  at::Tensor gy = at::empty_like(y), ggate = at::empty_like(y);
+  at::Tensor gw = at::zeros_like(weight), gb = at::zeros_like(bias);
+  if (y.numel() == 0) return {gy, ggate, gw, gb};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "group_norm_gate_backward", [&] {
+    const scalar_t *grp = grad.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *gp = gate.data_ptr<scalar_t>();
+    const scalar_t *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
+    scalar_t *gyp = gy.data_ptr<scalar_t>(), *ggp = ggate.data_ptr<scalar_t>();
+    // equal row ranges, one per thread at most, each with its own weight / bias partial sums, added in range order
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / grain));
+    const int64_t per_task = (R + tasks - 1) / tasks;
+    std::vector<double> partial((size_t)tasks * 2 * C, 0.0);
+    at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        double* acc_w = partial.data() + (size_t)task * 2 * C;
+        for (int64_t r = task * per_task; r < std::min(R, (task + 1) * per_task); ++r)
+          group_norm_gate_backward_dispatch(grp + r * C, yp + r * C, gp + r * C, wp, bp, C, groups, eps, gyp + r * C,
+                                            ggp + r * C, acc_w, acc_w + C);
+      }
+    });
+    scalar_t *gwp = gw.data_ptr<scalar_t>(), *gbp = gb.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t task = 0; task < tasks; ++task) {
+        sw += partial[(size_t)task * 2 * C + c];
+        sb += partial[(size_t)task * 2 * C + C + c];
+      }
+      gwp[c] = (scalar_t)sw;
+      gbp[c] = (scalar_t)sb;
+    }
+  });
+  return {gy, ggate, gw, gb};
 }
 
 }  // namespace bi_wkv

@@ -38,6 +38,10 @@ BI_WKV_LIBRARY(TORCH_EXTENSION_NAME, m) {
       " int[] offsets, int head_size) -> (Tensor, Tensor)");
   // GroupNorm(y) * gate, y and gate (rows, channels)
   m.def("group_norm_gate(Tensor y, Tensor gate, Tensor weight, Tensor bias, int groups, float eps) -> Tensor");
+  // its gradients (grad_y, grad_gate, grad_weight, grad_bias)
+  m.def(
+      "group_norm_gate_backward(Tensor grad, Tensor y, Tensor gate, Tensor weight, Tensor bias, int groups, float eps)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 BI_WKV_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -46,6 +50,7 @@ BI_WKV_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("token_shift_mix", &bi_wkv::token_shift_mix_cpu);
   m.impl("token_shift_mix_backward", &bi_wkv::token_shift_mix_backward_cpu);
   m.impl("group_norm_gate", &bi_wkv::group_norm_gate_cpu);
+  m.impl("group_norm_gate_backward", &bi_wkv::group_norm_gate_backward_cpu);
 }
 
 #ifdef BI_WKV_WITH_CUDA

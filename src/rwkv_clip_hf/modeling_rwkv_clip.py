@@ -211,15 +211,20 @@ class RWKVCLIPChannelMix(_ShiftMixin, nn.Module):
         step = -(-rows // chunks)
         out = None
         for start in range(0, rows, step):
-            part = self._in_place(x_k[start : start + step], x_r[start : start + step])
             if out is None:
+                part = self._in_place(x_k[:step], x_r[:step])
                 out = part.new_empty((rows, part.shape[-1]))
-            out[start : start + step] = part
+                out[:step] = part
+            else:  # written straight into its rows of the output
+                self._in_place(x_k[start : start + step], x_r[start : start + step], out=out[start : start + step])
         return out.view_as(hidden_states)
 
-    def _in_place(self, x_k: torch.Tensor, x_r: torch.Tensor) -> torch.Tensor:
+    def _in_place(self, x_k: torch.Tensor, x_r: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         key = self.key(x_k).relu_()
-        return self.receptance(x_r).sigmoid_().mul_(self.value(key.mul_(key)))
+        value = self.value(key.mul_(key))
+        del key
+        gate = self.receptance(x_r).sigmoid_()
+        return gate.mul_(value) if out is None else torch.mul(gate, value, out=out)
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:

@@ -183,7 +183,7 @@ def test_token_shift_mix_backward(built, case, with_delta):
 
 
 class _WithoutFusedBackward:
-    """A kernel module as published before token_shift_mix_backward: the forward ops only."""
+    """A kernel module as published before the fused backward passes: the forward ops only."""
 
     def __init__(self, module):
         self._module = module
@@ -191,7 +191,7 @@ class _WithoutFusedBackward:
 
     def __getattr__(self, name):
         self.asked.append(name)
-        if name == "token_shift_mix_backward":
+        if name.endswith("_backward"):
             raise AttributeError(name)
         return getattr(self._module, name)
 
@@ -226,6 +226,45 @@ def test_group_norm_gate_kernel_matches_reference(built, rows, channels, groups,
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     assert rel_err(built.group_norm_gate(*args, groups, 1e-5 * 64), expected) <= tol
     assert rel_err(block.group_norm_gate(*args, groups, 1e-5 * 64, backend="torch"), expected) <= tol
+
+
+@pytest.mark.parametrize("rows, channels, groups", [(1, 8, 1), (7, 16, 2), (33, 160, 2), (2000, 640, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_norm_gate_backward_kernel_matches_reference(built, rows, channels, groups, dtype):
+    # the fused backward pass (group_norm_gate_backward) against autograd through the float64 reference, every
+    # input's gradient; 2000 rows run in more than one task (weight / bias partial sums)
+    assert hasattr(built, "group_norm_gate_backward")
+    g = torch.Generator().manual_seed(rows)
+    y, gate, grad = (torch.randn(rows, channels, generator=g, dtype=torch.float64) for _ in range(3))
+    y = y * 3 + 5  # a mean far from zero
+    weight, bias = (torch.randn(channels, generator=g, dtype=torch.float64) for _ in range(2))
+    ref_inputs = [t.clone().requires_grad_() for t in (y, gate, weight, bias)]
+    expected = torch.autograd.grad(reference_group_norm_gate(*ref_inputs, groups, 1e-5 * 64), ref_inputs, grad)
+    inputs = [t.to(dtype).requires_grad_() for t in (y, gate, weight, bias)]
+    out = block.group_norm_gate(*inputs, groups, 1e-5 * 64, backend="kernel")
+    actual = torch.autograd.grad(out, inputs, grad.to(dtype))
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for name, ours, theirs in zip(("y", "gate", "weight", "bias"), actual, expected):
+        assert ours.dtype == dtype, name
+        assert rel_err(ours, theirs) <= tol, name
+
+
+def test_group_norm_gate_backward_of_older_builds_recomputes(built, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((9, 24), (9, 24), (24,), (24,))]
+    grad = torch.randn(9, 24, generator=g, dtype=torch.float64)
+
+    def grads():
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        return torch.autograd.grad(block.group_norm_gate(*inputs, 3, 1e-3, backend="kernel"), inputs, grad)
+
+    new = grads()
+    older = _WithoutFusedBackward(built)
+    monkeypatch.setattr(block, "kernel_module", lambda key: older)
+    old = grads()
+    assert "group_norm_gate" in older.asked and "group_norm_gate_backward" in older.asked
+    for a, b in zip(new, old):
+        assert rel_err(a, b) <= 1e-13
 
 
 def test_group_norm_gate_backward(built):

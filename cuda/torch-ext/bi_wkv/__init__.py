@@ -10,7 +10,14 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["bi_wkv", "group_norm_gate", "ops", "token_shift_mix", "token_shift_mix_backward"]
+__all__ = [
+    "bi_wkv",
+    "group_norm_gate",
+    "group_norm_gate_backward",
+    "ops",
+    "token_shift_mix",
+    "token_shift_mix_backward",
+]
 
 
 @torch.library.register_fake(add_op_namespace_prefix("forward"))
@@ -50,8 +57,8 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     return ops.forward(r, k, v, w, u.to(acc).contiguous()).to(out_dtype)
 
 
-# The fused element-wise work of the RWKV-CLIP block (CPU; float32 and float64), and the backward of the token
-# shift: the model package (rwkv_clip_hf.ops.block) holds their PyTorch composition, autograd and fallbacks.
+# The fused element-wise work of the RWKV-CLIP block (CPU; float32 and float64) and its backward passes: the
+# model package (rwkv_clip_hf.ops.block) holds their PyTorch composition, autograd and fallbacks.
 
 
 @torch.library.register_fake(add_op_namespace_prefix("token_shift_mix"))
@@ -68,6 +75,11 @@ def _token_shift_mix_backward_fake(grad_mixed, grad_delta, x, maa, grid_h, grid_
 @torch.library.register_fake(add_op_namespace_prefix("group_norm_gate"))
 def _group_norm_gate_fake(y, gate, weight, bias, groups, eps):
     return torch.empty_like(y)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("group_norm_gate_backward"))
+def _group_norm_gate_backward_fake(grad, y, gate, weight, bias, groups, eps):
+    return torch.empty_like(y), torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def token_shift_mix(
@@ -106,3 +118,17 @@ def group_norm_gate(
 ) -> torch.Tensor:
     """GroupNorm(y) * gate for y, gate (rows, channels) contiguous float32 / float64; weight, bias (channels,)."""
     return ops.group_norm_gate(y, gate, weight, bias, int(groups), float(eps))
+
+
+def group_norm_gate_backward(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (grad_y, grad_gate, grad_weight, grad_bias) of `group_norm_gate` from grad (rows, channels),
+    all contiguous, of y's dtype."""
+    return ops.group_norm_gate_backward(grad, y, gate, weight, bias, int(groups), float(eps))

@@ -6,9 +6,10 @@ the prebuilt kernel package (`cuda/bi_wkv/block_cpu.cpp`; CPU, float32 and float
 `backend` values and loading as Bi-WKV (`ops.bi_wkv.kernel`): "auto" and "kernel" use the fused pass when the
 loaded kernel build has it, "torch" and "triton" never do. Under torch.compile the composition is traced (inductor
 fuses it by itself). The fused passes are differentiable: their backward recomputes the composition from the
-saved inputs and differentiates it, so both paths share one set of formulas; the token shift's backward, the
-largest of them in a training step, is a fused pass of the kernel package too (its formulas are written out in
-`block_cpu.cpp` and tested against the composition's autograd).
+saved inputs and differentiates it, so both paths share one set of formulas; builds that have them run fused
+backward passes instead (`token_shift_mix_backward`, `group_norm_gate_backward`: their formulas are written out in
+`block_cpu.cpp` and tested against the composition's autograd). The squared ReLU of the channel mix is plain
+PyTorch with a one-product backward.
 """
 
 import torch
@@ -160,12 +161,16 @@ class _GroupNormGate(torch.autograd.Function):
     def forward(ctx, y, gate, weight, bias, groups, eps, module):
         ctx.save_for_backward(y, gate, weight, bias)
         ctx.args = (groups, eps)
+        ctx.module = module
         return module.group_norm_gate(y, gate, weight, bias, groups, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         groups, eps = ctx.args
+        if hasattr(ctx.module, "group_norm_gate_backward"):  # builds before it recompute the composition
+            grads = ctx.module.group_norm_gate_backward(grad_out.contiguous(), *ctx.saved_tensors, groups, eps)
+            return tuple(grads) + (None, None, None)
         grads = _recompute_grads(
             lambda *tensors: _group_norm_gate_composition(*tensors, groups, eps), ctx.saved_tensors, (grad_out,)
         )
