@@ -496,7 +496,20 @@ def machine_info(threads: int) -> dict[str, Any]:
         "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "bi_wkv_path": bi_wkv_path(),
     }
+
+
+def bi_wkv_path() -> str:
+    """Which Bi-WKV path RWKV-CLIP's default ("auto") backend takes on the CPU, and why."""
+    from rwkv_clip_hf.ops.bi_wkv.kernel import KernelUnavailableError, load_kernel
+
+    try:
+        load_kernel("cpu")
+    except KernelUnavailableError as error:
+        return f"PyTorch chunked path ({error})"
+    source = os.environ.get("LOCAL_KERNELS")
+    return "CPU kernel" + (f" (LOCAL_KERNELS={source})" if source else " (from the Hub cache)")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -728,9 +741,6 @@ def run_workload(
         achieved = row["flops"][impl] / row[impl]["median_s"] / 1e9
         row[impl]["gflops"] = achieved
         row[impl]["gemm_peak_share"] = _ratio(achieved, peak)
-    if precision != "fp32":
-        row["bi_wkv"] = None
-        return row
     log(f"Bi-WKV share: {what} {shape} batch {batch} (RWKV-CLIP with a timed bi_wkv)")
     row["bi_wkv"] = measure_bi_wkv_share(runs["rwkv"], args.min_time / 2, args.min_iters)
 
@@ -753,6 +763,7 @@ def print_settings(args: argparse.Namespace, info: dict[str, Any]) -> None:
         f"min-time {args.min_time:g} s, min-iters {args.min_iters}" + (" (--quick)" if args.quick else "")
     )
     print(f"{'isa flags':>13}: {info['isa_flags']} (torch CPU capability {info['torch_cpu_capability']})")
+    print(f"{'Bi-WKV':>13}: {info['bi_wkv_path']}")
     if args.bf16_sizes and not (info["native_bf16"] or args.force_bf16):
         print(f"{'bf16 autocast':>13}: skipped, no AVX512-BF16 / AMX on this CPU (--force-bf16 runs it anyway)")
         args.bf16_sizes, args.bf16_batch = [], []
@@ -851,12 +862,13 @@ def print_throughput(rows: list[dict[str, Any]], info: dict[str, Any], peaks: di
 def print_bi_wkv_shares(rows: list[dict[str, Any]]) -> None:
     print("\n== Bi-WKV share of RWKV-CLIP forward time (timed wrapper around modeling_rwkv_clip.bi_wkv) ==")
     for row in rows:
-        b = row["bi_wkv"]
+        b = row.get("bi_wkv")
+        label = f"{row['what']:>6} {row['size']:>4} {row.get('precision', 'fp32')} batch {row['batch']:>2}"
         if b is None:
-            print(f"{row['what']:>6} {row['size']:>4} batch {row['batch']:>2}: not measured")
+            print(f"{label}: not measured")
             continue
         print(
-            f"{row['what']:>6} {row['size']:>4} batch {row['batch']:>2}: {100 * b['share']:5.1f}% "
+            f"{label}: {100 * b['share']:5.1f}% "
             f"({b['bi_wkv_s'] / b['iterations'] * 1000:.1f} of {b['total_s'] / b['iterations'] * 1000:.1f} ms "
             f"per forward, {b['calls_per_forward']:.0f} calls/forward, {b['iterations']} forwards)"
         )
@@ -866,9 +878,12 @@ def print_profiles(rows: list[dict[str, Any]]) -> None:
     print("\n== torch.profiler: self CPU time by category and top ops (includes profiler overhead) ==")
     for row in rows:
         for impl in IMPLS:
-            prof = row["profile"][impl]
+            prof = row.get("profile", {}).get(impl)
+            if prof is None:
+                continue
             cats = ", ".join(f"{name} {100 * share:.1f}%" for name, share in prof["categories"].items())
-            print(f"{row['what']} {row['size']} batch {row['batch']}, {LABEL[impl]}: {cats}")
+            precision = row.get("precision", "fp32")
+            print(f"{row['what']} {row['size']} {precision} batch {row['batch']}, {LABEL[impl]}: {cats}")
             for op in prof["top_ops"]:
                 per_forward = op["self_ms"] / prof["iterations"]
                 print(f"    {op['op']:<50} {per_forward:9.2f} ms/fwd {100 * op['share']:5.1f}%")

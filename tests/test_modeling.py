@@ -211,6 +211,52 @@ def test_bf16_autocast_forward(model):
         assert not torch.equal(got, expected), name  # bf16 really ran
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_bf16_autocast_precision_of_each_part(model, monkeypatch, grad):
+    """Under bf16 autocast: the r / k / v / g / output projections run in bf16; Bi-WKV and the GroupNorm-times-gate
+    get float32 inputs; the low-rank products with their biases (time_maa_w2, time_decay_w2) run in float32 with
+    autocast off only around them (it is back on for the next projection and after the forward)."""
+    from torch.overrides import TorchFunctionMode
+
+    import rwkv_clip_hf.modeling_rwkv_clip as modeling
+
+    config = model.config
+    low_ranks = {config.vision_config.mix_lora_rank, config.vision_config.decay_lora_rank}
+    low_ranks |= {config.text_config.mix_lora_rank, config.text_config.decay_lora_rank}
+    seen = {"bi_wkv": set(), "group_norm_gate": set(), "low_rank": set(), "projection": set()}
+
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            seen[name] |= {t.dtype for t in args if isinstance(t, torch.Tensor)}
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(modeling, "bi_wkv", spy("bi_wkv", modeling.bi_wkv))
+    monkeypatch.setattr(modeling, "group_norm_gate", spy("group_norm_gate", modeling.group_norm_gate))
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.addmm and args[1].shape[-1] in low_ranks:
+                seen["low_rank"].add((out.dtype, torch.is_autocast_enabled("cpu")))
+            if func is F.linear:
+                seen["projection"].add(out.dtype)
+            return out
+
+    ids = torch.tensor([[BOS, 4, 9, 17, EOS]])
+    pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        out = model(input_ids=ids, pixel_values=pixel_values)
+        assert torch.is_autocast_enabled("cpu")
+    if grad:
+        out.logits_per_image.sum().backward()
+    assert seen["bi_wkv"] == {torch.float32}
+    assert seen["group_norm_gate"] == {torch.float32}
+    assert seen["low_rank"] == {(torch.float32, False)}
+    assert seen["projection"] == {torch.bfloat16}
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(config):
     torch.manual_seed(0)
     model = randomize_(RWKVCLIPModel(config)).train()

@@ -4,6 +4,7 @@ One block implementation serves both towers; they differ only in the token shift
 image patch grid, a "B-shift" along the text sequence), chosen by `config.token_shift`.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,14 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
     keep = 1.0 - rate
     mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
     return hidden_states * mask / keep
+
+
+def _float32(device_type: str) -> contextlib.AbstractContextManager:
+    """A fresh context that turns autocast off for `device_type` where it is on (the token mix's products out of its
+    low ranks run in float32 under autocast)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _ShiftMixin:
@@ -99,25 +108,31 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         x = hidden_states
         # without autograd, temporaries are overwritten in place (fewer passes and allocations, the same values)
         in_place = not torch.is_grad_enabled()
+        # under autocast the products out of the low ranks (32 / 64) stay in float32 (see `_float32`): their biases
+        # are summed in float32 in the same GEMM, and rank-32 GEMMs gain nothing from low precision
+        low_rank = functools.partial(_float32, x.device.type)
         delta, xxx = self._shift_mix(x, self.time_maa_x[None], grid_size, with_delta=True)
         lora = torch.tanh(xxx[0] @ self.time_maa_w1)
         del xxx
         lora = lora.view(batch * seq_len, 5, self.mix_lora_rank)
         # one interpolation at a time (without autograd computed in place and freed after its projection, so the
         # five never coexist)
-        mixed = functools.partial(self._interpolation, x, delta, lora, in_place)
+        mixed = functools.partial(self._interpolation, x, delta, lora, in_place, low_rank)
         # the interpolations' order in time_maa_wkvrg: w, k, v, r, g
         heads = (batch, seq_len, self.num_heads, self.head_size)
         receptance = self.receptance(mixed(3)).view(heads)
         key = self.key(mixed(1)).view(heads)
         value = self.value(mixed(2)).view(heads)
         gate = F.silu(self.gate(mixed(4)), inplace=in_place)
-        decay_lora = torch.tanh(mixed(0) @ self.time_decay_w1)
-        if torch.is_autocast_enabled(x.device.type):
-            log_decay_rate = self.time_decay + decay_lora @ self.time_decay_w2  # the sum in float32
-        else:  # time_decay enters the GEMM as its C matrix
-            log_decay_rate = torch.addmm(self.time_decay, decay_lora.flatten(0, 1), self.time_decay_w2)
+        decay_lora = torch.tanh(mixed(0) @ self.time_decay_w1).flatten(0, 1)
+        with low_rank():  # time_decay enters the GEMM as its C matrix
+            log_decay_rate = torch.addmm(self.time_decay, decay_lora.to(x.dtype), self.time_decay_w2)
         del delta, mixed
+        if torch.is_autocast_enabled(x.device.type):
+            # Bi-WKV and the GroupNorm compute in float32 anyway: widen the low-precision projections once here, so
+            # that Bi-WKV's output reaches the norm unrounded and the fused GroupNorm-times-gate pass can run (the
+            # composition would widen the gate in its product too; the same values)
+            receptance, key, value, gate = (t.float() for t in (receptance, key, value, gate))
 
         out = bi_wkv(receptance, key, value, log_decay_rate.view(heads), self.time_faaaa, backend=self.kernel_backend)
         out = group_norm_gate(
@@ -132,19 +147,15 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         return self.output(out.view(batch, seq_len, dim))
 
     def _interpolation(
-        self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, index: int
+        self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, low_rank, index: int
     ) -> torch.Tensor:
-        """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index])."""
-        if torch.is_autocast_enabled(x.device.type):
-            # the low-rank product in low precision, the sum with time_maa_wkvrg in float32
-            mix = self.time_maa_wkvrg[index] + lora[:, index] @ self.time_maa_w2[index]
-        else:
-            # the bias enters the GEMM as its C matrix
-            mix = torch.addmm(self.time_maa_wkvrg[index], lora[:, index], self.time_maa_w2[index])
-        mix = mix.view_as(x)
-        if in_place and mix.dtype == x.dtype:
-            return torch.addcmul(x, delta, mix, out=mix)
-        return torch.addcmul(x, delta, mix)
+        """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index]), in float32."""
+        with low_rank():  # the bias enters the GEMM as its C matrix
+            mix = torch.addmm(self.time_maa_wkvrg[index], lora[:, index].to(x.dtype), self.time_maa_w2[index])
+            mix = mix.view_as(x)
+            if in_place and mix.dtype == x.dtype:
+                return torch.addcmul(x, delta, mix, out=mix)
+            return torch.addcmul(x, delta, mix)
 
     @torch.no_grad()
     def _init_rwkv_weights(self) -> None:
