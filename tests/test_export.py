@@ -133,6 +133,19 @@ def test_compile_fullgraph_captures_both_towers_in_one_graph(model):
     torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
 
 
+def test_compile_fullgraph_under_bf16_autocast(model):
+    # the token mix turns autocast off around its low-rank products: one graph, the eager values
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    ids, mask = text_batch(2, seed=5)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = compiled(**inputs), model(**inputs)
+        assert torch.is_autocast_enabled("cpu")
+    torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.text_embeds, expected.text_embeds, rtol=0, atol=1e-6)
+
+
 def onnx_check(tower, inputs: dict, new_inputs: dict, tmp_path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
