@@ -257,6 +257,30 @@ def test_bf16_autocast_precision_of_each_part(model, monkeypatch, grad):
     assert seen["projection"] == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["whole", "row-chunks"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_inference_path_gives_the_autograd_values(model, autocast, chunk_rows):
+    """Without autograd the blocks overwrite their temporaries in place: bitwise the values of the autograd path,
+    also under autocast. Long channel-mix inputs run in chunks of rows, where only the GEMM library's blocking may
+    round differently."""
+    if chunk_rows:
+        for layer in model.vision_model.encoder.layers:
+            layer.channel_mix.max_chunk_rows = chunk_rows  # 16 patches x 2 images: 5 chunks
+    ids = torch.tensor([[BOS, 4, 9, 17, EOS], [BOS, 5, 6, EOS, 0]])
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, pixel_values=pixel_values)
+        outputs.append((out.image_embeds.detach().float(), out.text_embeds.detach().float()))
+    for with_grad, without in zip(*outputs):
+        if chunk_rows is None:
+            assert torch.equal(with_grad, without)
+        else:  # bf16 GEMM outputs round to 2^-8
+            scale = 2e-2 if autocast else 1e-6
+            assert (with_grad - without).abs().max() <= scale * with_grad.abs().max()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(config):
     torch.manual_seed(0)
     model = randomize_(RWKVCLIPModel(config)).train()

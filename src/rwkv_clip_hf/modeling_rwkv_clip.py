@@ -149,7 +149,7 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
     def _interpolation(
         self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, low_rank, index: int
     ) -> torch.Tensor:
-        """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index]), in float32."""
+        """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index]), computed in x's dtype."""
         with low_rank():  # the bias enters the GEMM as its C matrix
             mix = torch.addmm(self.time_maa_wkvrg[index], lora[:, index].to(x.dtype), self.time_maa_w2[index])
             mix = mix.view_as(x)
