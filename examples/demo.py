@@ -30,18 +30,38 @@ def main() -> None:
     parser.add_argument("--template", default="a photo of {}.", help="hypothesis template, with {} for the label")
     parser.add_argument("--top", type=int, default=3, help="how many ranked labels to print per image")
     args = parser.parse_args()
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    if "{}" not in args.template:
+        parser.error(f"--template must contain {{}} where the label goes, got {args.template!r}")
 
     model = args.model or rwkv_clip_hf.default_model_path()
+    if args.model and looks_like_a_path(args.model) and not Path(args.model).expanduser().is_dir():
+        parser.error(f"--model: no such directory: {args.model}")
     images = args.images or sorted(str(path) for path in EXAMPLES.glob("*.png"))
     if not images:
         raise SystemExit(f"no images given and none found in {EXAMPLES}")
+    for image in images:
+        if not image.startswith(("http://", "https://")) and not Path(image).expanduser().is_file():
+            parser.error(f"--images: no such file: {image}")
     print(f"model: {model}")
-    classifier = pipeline("zero-shot-image-classification", model=model)
-    results = classifier(images, candidate_labels=args.labels, hypothesis_template=args.template)
+    try:
+        classifier = pipeline("zero-shot-image-classification", model=model)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"demo.py: cannot load --model {model}: {error}") from None
+    try:
+        results = classifier(images, candidate_labels=args.labels, hypothesis_template=args.template)
+    except (OSError, ValueError) as error:  # e.g. a file that is not an image
+        raise SystemExit(f"demo.py: cannot classify the images: {error}") from None
     for image, ranked in zip(images, results):
         print(f"{Path(image).name}:")
         for entry in ranked[: args.top]:
             print(f"  {entry['score']:.3f}  {entry['label']}")
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a Hub id ("user/model"): absolute, relative with ./ or ../, or ~."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The bundled default model and README's first command (`make demo` = examples/demo.py)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -140,3 +141,28 @@ def test_demo_prints_the_right_top_label_for_every_bundled_example(tmp_path):
     assert images
     blocks = re.findall(r"^(\S+\.png):\n\s+[0-9.]+\s+(.+)$", result.stdout, flags=re.MULTILINE)
     assert dict(blocks) == {image.name: expected_label(image) for image in images}, result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--images", "missing.png"], "--images: no such file: missing.png"),
+        (["--model", "./no-such-model"], "--model: no such directory: ./no-such-model"),
+        (["--top", "0"], "--top must be >= 1"),
+        (["--template", "a photo"], "--template must contain {}"),
+        (["--images", "not-an-image.png"], "cannot classify the images"),
+    ],
+)
+def test_demo_names_the_bad_argument(tmp_path, arguments, message):
+    (tmp_path / "not-an-image.png").write_text("text, not an image")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
