@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from rwkv_clip_hf.data import MergePrompt, build_instruction_dataset, tokenize_instruction_dataset
+from rwkv_clip_hf.evaluation.cli import cli_message
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,10 @@ def load_rows(args: Arguments):
         return tiny_rows()
     if not args.dataset:
         raise SystemExit("give --dataset (or --tiny for a smoke test)")
-    return load_eval_dataset(args.dataset, args.split).dataset
+    try:
+        return load_eval_dataset(args.dataset, args.split).dataset
+    except (ValueError, OSError) as error:  # FileNotFoundError and datasets' DatasetNotFoundError are OSErrors
+        raise SystemExit(f"error: {cli_message(str(error), {'dataset': '--dataset', 'split': '--split'})}") from None
 
 
 def main(argv=None) -> dict:
@@ -140,7 +144,10 @@ def main(argv=None) -> dict:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
-    prompt = MergePrompt.from_file(args.prompt_file) if args.prompt_file else MergePrompt()
+    try:
+        prompt = MergePrompt.from_file(args.prompt_file) if args.prompt_file else MergePrompt()
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: --prompt_file: {error}") from None
     rows = load_rows(args)
     if args.max_train_samples:
         rows = rows.select(range(min(args.max_train_samples, len(rows))))
@@ -148,14 +155,17 @@ def main(argv=None) -> dict:
     def optional(name):
         return name if name in rows.column_names else None
 
-    instructions = build_instruction_dataset(
-        rows,
-        target_column=args.target_column,
-        raw_text_column=optional(args.raw_text_column),
-        caption_column=optional(args.caption_column),
-        tags_column=optional(args.tags_column),
-        prompt=prompt,
-    )
+    try:
+        instructions = build_instruction_dataset(
+            rows,
+            target_column=args.target_column,
+            raw_text_column=optional(args.raw_text_column),
+            caption_column=optional(args.caption_column),
+            tags_column=optional(args.tags_column),
+            prompt=prompt,
+        )
+    except ValueError as error:  # a missing --target_column, or no row with a target
+        raise SystemExit(f"error: {error}") from None
     model_path = args.model_name_or_path
     if args.tiny:
         texts = [m["content"] for conversation in instructions["messages"] for m in conversation]
@@ -163,7 +173,10 @@ def main(argv=None) -> dict:
     elif not model_path:
         raise SystemExit("give --model_name_or_path (or --tiny for a smoke test)")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --model_name_or_path {model_path}: {error}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train = tokenize_instruction_dataset(instructions, tokenizer, max_length=args.max_length)

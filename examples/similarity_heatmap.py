@@ -105,9 +105,15 @@ def main(argv=None) -> None:
     for path in paths:
         if "://" not in path and not Path(path).is_file():
             raise SystemExit(f"--images: no such file: {path}")
-        images.append(load_image(path))
+        try:
+            images.append(load_image(path))
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise SystemExit(f"--images: cannot read {path} as an image: {error}") from None
 
-    model, processor = load_model_and_processor(model_name)
+    try:
+        model, processor = load_model_and_processor(model_name)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--model {model_name}: cannot load: {error}") from None
     similarity = similarity_matrix(model, processor, images, captions)
     width = max(len(c) for c in captions)
     print(" " * width + "  " + "  ".join(f"{Path(p).name[:12]:>12}" for p in paths))

@@ -502,4 +502,9 @@ def test_similarity_heatmap_writes_the_matrix_of_the_model(tmp_path, capsys):
         heatmap.main(["--images", str(tmp_path / "missing.png"), "--output", str(tmp_path / "other.png")])
     with pytest.raises(SystemExit, match="does not exist"):
         heatmap.main(["--output", str(tmp_path / "no" / "such" / "dir.png")])
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="--images: cannot read .*text.png as an image"):
+        heatmap.main(["--images", str(tmp_path / "text.png"), "--output", str(tmp_path / "other.png")])
+    with pytest.raises(SystemExit, match="--model .*no-model: cannot load"):
+        heatmap.main(["--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "other.png")])
     assert not (tmp_path / "other.png").exists()

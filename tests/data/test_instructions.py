@@ -112,3 +112,22 @@ def test_finetune_merger_example_runs_tiny(tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(written["merged"]).eval()(ids).logits
     assert not torch.allclose(adapted, base_logits, atol=1e-4)  # the adapter learned something
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)  # merging keeps the outputs
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--dataset", "./no-such-dir"], "--dataset ./no-such-dir"),
+        (["--tiny", "--prompt_file", "missing.json"], "--prompt_file: prompt file missing.json: no such file"),
+        (["--tiny", "--target_column", "nope"], "target column 'nope'"),
+    ],
+)
+def test_finetune_merger_names_the_bad_argument(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("finetune_merger", ROOT / "examples" / "finetune_merger.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit, match="error: ") as raised:
+        example.main([*arguments, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    assert message in str(raised.value)
