@@ -108,16 +108,13 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         x = hidden_states
         # without autograd, temporaries are overwritten in place (fewer passes and allocations, the same values)
         in_place = not torch.is_grad_enabled()
-        # under autocast the products out of the low ranks (32 / 64) stay in float32 (see `_float32`): their biases
-        # are summed in float32 in the same GEMM, and rank-32 GEMMs gain nothing from low precision
-        low_rank = functools.partial(_float32, x.device.type)
         delta, xxx = self._shift_mix(x, self.time_maa_x[None], grid_size, with_delta=True)
         lora = torch.tanh(xxx[0] @ self.time_maa_w1)
         del xxx
         lora = lora.view(batch * seq_len, 5, self.mix_lora_rank)
         # one interpolation at a time (without autograd computed in place and freed after its projection, so the
         # five never coexist)
-        mixed = functools.partial(self._interpolation, x, delta, lora, in_place, low_rank)
+        mixed = functools.partial(self._interpolation, x, delta, lora, in_place)
         # the interpolations' order in time_maa_wkvrg: w, k, v, r, g
         heads = (batch, seq_len, self.num_heads, self.head_size)
         receptance = self.receptance(mixed(3)).view(heads)
@@ -125,7 +122,9 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         value = self.value(mixed(2)).view(heads)
         gate = F.silu(self.gate(mixed(4)), inplace=in_place)
         decay_lora = torch.tanh(mixed(0) @ self.time_decay_w1).flatten(0, 1)
-        with low_rank():  # time_decay enters the GEMM as its C matrix
+        # under autocast the products out of the low ranks (32 / 64) stay in float32 (see `_float32`): their biases
+        # are summed in float32 in the same GEMM, and rank-32 GEMMs gain nothing from low precision
+        with _float32(x.device.type):  # time_decay enters the GEMM as its C matrix
             log_decay_rate = torch.addmm(self.time_decay, decay_lora.to(x.dtype), self.time_decay_w2)
         del delta, mixed
         if torch.is_autocast_enabled(x.device.type):
@@ -147,10 +146,10 @@ class RWKVCLIPTokenMix(_ShiftMixin, nn.Module):
         return self.output(out.view(batch, seq_len, dim))
 
     def _interpolation(
-        self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, low_rank, index: int
+        self, x: torch.Tensor, delta: torch.Tensor, lora: torch.Tensor, in_place: bool, index: int
     ) -> torch.Tensor:
         """x + delta * (time_maa_wkvrg[index] + lora[:, index] @ time_maa_w2[index]), computed in x's dtype."""
-        with low_rank():  # the bias enters the GEMM as its C matrix
+        with _float32(x.device.type):  # the bias enters the GEMM as its C matrix
             mix = torch.addmm(self.time_maa_wkvrg[index], lora[:, index].to(x.dtype), self.time_maa_w2[index])
             mix = mix.view_as(x)
             if in_place and mix.dtype == x.dtype:
