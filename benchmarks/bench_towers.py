@@ -862,8 +862,8 @@ def print_throughput(rows: list[dict[str, Any]], info: dict[str, Any], peaks: di
 def print_bi_wkv_shares(rows: list[dict[str, Any]]) -> None:
     print("\n== Bi-WKV share of RWKV-CLIP forward time (timed wrapper around modeling_rwkv_clip.bi_wkv) ==")
     for row in rows:
-        b = row.get("bi_wkv")
-        label = f"{row['what']:>6} {row['size']:>4} {row.get('precision', 'fp32')} batch {row['batch']:>2}"
+        b = row["bi_wkv"]
+        label = f"{row['what']:>6} {row['size']:>4} {row['precision']} batch {row['batch']:>2}"
         if b is None:
             print(f"{label}: not measured")
             continue
@@ -878,12 +878,9 @@ def print_profiles(rows: list[dict[str, Any]]) -> None:
     print("\n== torch.profiler: self CPU time by category and top ops (includes profiler overhead) ==")
     for row in rows:
         for impl in IMPLS:
-            prof = row.get("profile", {}).get(impl)
-            if prof is None:
-                continue
+            prof = row["profile"][impl]
             cats = ", ".join(f"{name} {100 * share:.1f}%" for name, share in prof["categories"].items())
-            precision = row.get("precision", "fp32")
-            print(f"{row['what']} {row['size']} {precision} batch {row['batch']}, {LABEL[impl]}: {cats}")
+            print(f"{row['what']} {row['size']} {row['precision']} batch {row['batch']}, {LABEL[impl]}: {cats}")
             for op in prof["top_ops"]:
                 per_forward = op["self_ms"] / prof["iterations"]
                 print(f"    {op['op']:<50} {per_forward:9.2f} ms/fwd {100 * op['share']:5.1f}%")
